@@ -1,0 +1,395 @@
+"""Request and response heads as they cross the gateway (CONTRACT §6, §7).
+
+Bytes in, bytes out, no I/O: the framing layer hands over the parsed head, these
+functions return the exact bytes to write.  They run for every request, so each
+header name is classified by one dict lookup (names repeat endlessly across
+requests) and each head is built with a single `b"".join`.
+
+What is removed and why:
+- hop-by-hop fields (RFC 9110 §7.6.1) and every name the `Connection` field lists —
+  they describe one connection, not the message;
+- `Content-Length` / `Transfer-Encoding` — the gateway re-frames each message itself
+  (RFC 9112 §6), the caller passes the new framing line;
+- `Host` and `Expect` — the gateway sets Host for the backend and answers
+  `100-continue` itself (RFC 9110 §10.1.1);
+- incoming `X-Forwarded-Proto/-Port/-Host`, `X-Original-Host`, `X-Request-Id` and
+  `X-Client-Cert-*` — only the gateway may assert these, a client copy is a spoof.
+`X-Forwarded-For` is the exception: it is a chain, so incoming values are kept and the
+client address appended (the de-facto format RFC 7239 §1 describes).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "HOP_BY_HOP",
+    "STATUS_REASONS",
+    "ForwardContext",
+    "client_response_head",
+    "gateway_response",
+    "new_request_id",
+    "upstream_request_head",
+]
+
+HOP_BY_HOP: frozenset[bytes] = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+
+# The one table of reason phrases for statuses the gateway makes (RFC 9110 §15).
+STATUS_REASONS: dict[int, bytes] = {
+    100: b"Continue",
+    101: b"Switching Protocols",
+    200: b"OK",
+    204: b"No Content",
+    301: b"Moved Permanently",
+    302: b"Found",
+    303: b"See Other",
+    307: b"Temporary Redirect",
+    308: b"Permanent Redirect",
+    400: b"Bad Request",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    421: b"Misdirected Request",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
+}
+
+
+def new_request_id() -> str:
+    """32 lower-case hex characters from the OS CSPRNG: unguessable, so an id seen in
+    one log line cannot be forged into another request."""
+    return os.urandom(16).hex()
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardContext:
+    """What the gateway asserts about one request to the backend.
+
+    `client_host` is the client's Host value as received; `upstream_host` the Host
+    sent to the backend.  `client_cert_headers` are the mutual-TLS
+    `X-Client-Cert-*` fields (§6) the gateway computed, emitted after X-Request-Id.
+    """
+
+    client_ip: str
+    client_port: int
+    scheme: bytes  # b"https" | b"http"
+    listener_port: int
+    xff_with_port: bool
+    request_id: str
+    client_host: bytes
+    upstream_host: bytes
+    client_cert_headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+# How a header name is treated, per direction.
+_KEEP = 0
+_DROP = 1
+_CONNECTION = 2  # dropped, and its value names more fields to drop
+_XFF = 3  # dropped where it stands, re-emitted (joined + appended) at the end
+
+_REQUEST_DROP = HOP_BY_HOP | {
+    b"host",
+    b"content-length",
+    b"expect",
+    b"x-forwarded-proto",
+    b"x-forwarded-port",
+    b"x-forwarded-host",
+    b"x-original-host",
+    b"x-request-id",
+}
+_RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
+_CLIENT_CERT_PREFIX = b"x-client-cert-"
+
+# Connection tokens that name no field to remove: the standard hop-by-hop fields go
+# anyway, and "close" is a connection option, reserved as a field name (RFC 9110 §18.4).
+_NOT_LISTED_FIELDS = HOP_BY_HOP | {b"close"}
+
+_CACHE_LIMIT = 2048  # names seen; bounded so a client cannot grow it without limit
+
+
+def _request_kind(lower: bytes) -> int:
+    if lower == b"connection":
+        return _CONNECTION
+    if lower == b"x-forwarded-for":
+        return _XFF
+    if lower in _REQUEST_DROP or lower.startswith(_CLIENT_CERT_PREFIX):
+        return _DROP
+    return _KEEP
+
+
+def _response_kind(lower: bytes) -> int:
+    if lower == b"connection":
+        return _CONNECTION
+    return _DROP if lower in _RESPONSE_DROP else _KEEP
+
+
+# name as received → (lower-case name, kind); seeded with the usual spellings.
+_REQUEST_NAMES: dict[bytes, tuple[bytes, int]] = {}
+_RESPONSE_NAMES: dict[bytes, tuple[bytes, int]] = {}
+
+
+def _classify_request(name: bytes) -> tuple[bytes, int]:
+    lower = name.lower()
+    entry = (lower, _request_kind(lower))
+    if len(_REQUEST_NAMES) < _CACHE_LIMIT:
+        _REQUEST_NAMES[name] = entry
+    return entry
+
+
+def _classify_response(name: bytes) -> tuple[bytes, int]:
+    lower = name.lower()
+    entry = (lower, _response_kind(lower))
+    if len(_RESPONSE_NAMES) < _CACHE_LIMIT:
+        _RESPONSE_NAMES[name] = entry
+    return entry
+
+
+def _seed() -> None:
+    common = (
+        b"Host Connection Keep-Alive Proxy-Connection TE Trailer Transfer-Encoding Upgrade "
+        b"Content-Length Content-Type Expect Accept Accept-Encoding Accept-Language "
+        b"Authorization Cookie Set-Cookie User-Agent Referer Origin Cache-Control Pragma "
+        b"If-None-Match If-Modified-Since ETag Last-Modified Date Server Location Vary "
+        b"X-Forwarded-For X-Forwarded-Proto X-Forwarded-Port X-Forwarded-Host "
+        b"X-Original-Host X-Request-Id Content-Encoding Sec-WebSocket-Key "
+        b"Sec-WebSocket-Version Sec-WebSocket-Accept Strict-Transport-Security"
+    ).split()
+    for name in common:
+        for spelling in (name, name.lower()):
+            _classify_request(spelling)
+            _classify_response(spelling)
+
+
+_seed()
+
+
+def _connection_tokens(values: list[bytes]) -> set[bytes]:
+    """Field names listed in Connection (RFC 9110 §7.6.1), lower-cased."""
+    tokens: set[bytes] = set()
+    for value in values:
+        for token in value.split(b","):
+            token = token.strip()
+            if token:
+                tokens.add(token.lower())
+    return tokens
+
+
+def _client_address(ctx: ForwardContext) -> bytes:
+    """The X-Forwarded-For element for the client: `ip`, or `ip:port` / `[ip]:port`
+    (RFC 3986 §3.2.2 brackets for IPv6) in the Azure-compatible port format."""
+    if not ctx.xff_with_port:
+        return ctx.client_ip.encode("ascii")
+    if ":" in ctx.client_ip:
+        return f"[{ctx.client_ip}]:{ctx.client_port}".encode("ascii")
+    return f"{ctx.client_ip}:{ctx.client_port}".encode("ascii")
+
+
+def upstream_request_head(
+    method: bytes,
+    target: bytes,
+    headers: Sequence[tuple[bytes, bytes]],
+    ctx: ForwardContext,
+    framing: bytes | None,
+    *,
+    upgrade: bytes | None = None,
+) -> bytes:
+    """The request head to send to the backend (§6).
+
+    The request line, the client's headers in order (original name case) minus the
+    fields listed in the module docstring, then `Host`, `X-Forwarded-For` (incoming
+    lines joined with ", ", then the client), `X-Forwarded-Proto`, `X-Forwarded-Port`,
+    `X-Forwarded-Host`, `X-Original-Host`, `X-Request-Id`, the client-certificate
+    fields, the `framing` line if any, and the blank line.
+
+    `upgrade` (e.g. b"websocket") re-adds `Connection: Upgrade` and `Upgrade: <value>`
+    for a protocol switch the gateway decided to pass on (RFC 9110 §7.8) — they are
+    hop-by-hop, so the client's copies are always removed.
+    """
+    parts: list[bytes] = [method, b" ", target, b" HTTP/1.1\r\n"]
+    append = parts.append
+    names = _REQUEST_NAMES
+    xff: list[bytes] = []
+    connection: list[bytes] | None = None
+    for name, value in headers:
+        entry = names.get(name)
+        if entry is None:
+            entry = _classify_request(name)
+        kind = entry[1]
+        if kind == _KEEP:
+            append(name)
+            append(b": ")
+            append(value)
+            append(b"\r\n")
+        elif kind == _XFF:
+            value = value.strip()
+            if value:
+                xff.append(value)
+        elif kind == _CONNECTION:
+            if connection is None:
+                connection = []
+            connection.append(value)
+
+    if connection is not None:
+        listed = _connection_tokens(connection) - _NOT_LISTED_FIELDS
+        if listed:
+            if b"x-forwarded-for" in listed:
+                xff.clear()
+            _drop_listed(parts, 4, names, listed)
+
+    client = _client_address(ctx)
+    forwarded_for = b", ".join(xff) + b", " + client if xff else client
+    parts += (
+        b"Host: ", ctx.upstream_host, b"\r\n",
+        b"X-Forwarded-For: ", forwarded_for, b"\r\n",
+        b"X-Forwarded-Proto: ", ctx.scheme, b"\r\n",
+        b"X-Forwarded-Port: ", b"%d" % ctx.listener_port, b"\r\n",
+        b"X-Forwarded-Host: ", ctx.client_host, b"\r\n",
+        b"X-Original-Host: ", ctx.client_host, b"\r\n",
+        b"X-Request-Id: ", ctx.request_id.encode("ascii"), b"\r\n",
+    )  # fmt: skip
+    for name, value in ctx.client_cert_headers:
+        parts += (name, b": ", value, b"\r\n")
+    if upgrade is not None:
+        parts += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, b"\r\n")
+    if framing is not None:
+        parts += (framing, b"\r\n")
+    append(b"\r\n")
+    return b"".join(parts)
+
+
+def _drop_listed(
+    parts: list[bytes], start: int, names: dict[bytes, tuple[bytes, int]], listed: set[bytes]
+) -> None:
+    """Blank out the kept headers whose names the Connection field listed.
+
+    Kept headers sit in `parts` from `start` on, four parts each (name, ": ", value,
+    CRLF).  This runs only when Connection lists a name beyond the standard hop-by-hop
+    set, which is rare, so the common path records nothing per header.
+    """
+    for index in range(start, len(parts), 4):
+        name = parts[index]
+        entry = names.get(name)
+        lower = entry[0] if entry is not None else name.lower()
+        if lower in listed:
+            parts[index] = parts[index + 1] = parts[index + 2] = parts[index + 3] = b""
+
+
+def client_response_head(
+    status: int,
+    reason: bytes,
+    headers: Sequence[tuple[bytes, bytes]],
+    framing: bytes | None,
+    close: bool,
+    *,
+    upgrade: bytes | None = None,
+) -> bytes:
+    """The response head to send to the client (§6): the status line, the backend's
+    headers in order minus hop-by-hop fields, names its Connection field lists,
+    Content-Length and Transfer-Encoding; then `framing` if any, `Connection: close`
+    if `close`, and the blank line.
+
+    `upgrade` re-adds `Connection: Upgrade` / `Upgrade: <value>` on a 101 (RFC 9110
+    §7.8); it takes the place of `Connection: close`.
+    """
+    parts: list[bytes] = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+    append = parts.append
+    names = _RESPONSE_NAMES
+    connection: list[bytes] | None = None
+    for name, value in headers:
+        entry = names.get(name)
+        if entry is None:
+            entry = _classify_response(name)
+        kind = entry[1]
+        if kind == _KEEP:
+            append(name)
+            append(b": ")
+            append(value)
+            append(b"\r\n")
+        elif kind == _CONNECTION:
+            if connection is None:
+                connection = []
+            connection.append(value)
+
+    if connection is not None:
+        listed = _connection_tokens(connection) - _NOT_LISTED_FIELDS
+        if listed:
+            _drop_listed(parts, 1, names, listed)
+
+    if framing is not None:
+        parts += (framing, b"\r\n")
+    if upgrade is not None:
+        parts += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, b"\r\n")
+    elif close:
+        append(b"Connection: close\r\n")
+    append(b"\r\n")
+    return b"".join(parts)
+
+
+def gateway_response(
+    status: int,
+    *,
+    request_id: str | None = None,
+    close: bool = False,
+    body: bytes | None = None,
+    extra_headers: Sequence[tuple[bytes, bytes]] = (),
+    head: bool = False,
+) -> bytes:
+    """A complete response made by the gateway itself (§7).
+
+    Layout: status line, `Content-Type` (text/plain unless `extra_headers` has one),
+    `Content-Length`, `X-Request-Id` when given, `extra_headers`, `Connection: close`
+    when `close`, blank line, body.  The default body is `b"<status> <reason>\\n"`.
+    `head=True` answers a HEAD request: same headers, no body (RFC 9110 §9.3.2).
+    A 1xx or 204 response carries no body and no Content-Length (RFC 9110 §8.6,
+    §15.2), just the status line, `extra_headers` and the blank line.
+
+    A status missing from `STATUS_REASONS` is a ValueError: the gateway only makes
+    statuses it knows.
+    """
+    reason = STATUS_REASONS.get(status)
+    if reason is None:
+        raise ValueError(f"no reason phrase for gateway status {status}")
+    parts: list[bytes] = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+    if status < 200 or status == 204:
+        for name, value in extra_headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    if body is None:
+        body = b"%d %s\n" % (status, reason)
+    if not any(name.lower() == b"content-type" for name, _ in extra_headers):
+        parts.append(b"Content-Type: text/plain; charset=utf-8\r\n")
+    parts += (b"Content-Length: %d\r\n" % len(body),)
+    if request_id is not None:
+        parts += (b"X-Request-Id: ", request_id.encode("ascii"), b"\r\n")
+    for name, value in extra_headers:
+        parts += (name, b": ", value, b"\r\n")
+    if close:
+        parts.append(b"Connection: close\r\n")
+    parts.append(b"\r\n")
+    if not head:
+        parts.append(body)
+    return b"".join(parts)

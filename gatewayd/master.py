@@ -1,0 +1,438 @@
+"""The master process (arbiter): binds, forks and supervises workers; never serves requests.
+
+In the style of gunicorn's arbiter: signal handlers only queue the signal; the main loop
+dispatches it to `handle_<name>`; exit reasons are `HaltServer` exceptions.  Unlike
+gunicorn, a bad config on HUP keeps the running generation, and a new generation that
+fails to boot is discarded while the old one keeps serving.
+
+A *generation* is one config with its routing/TLS tables and its workers.  A reload
+builds generation N+1 (binding new addresses first), waits for all its workers to report
+ready, and only then tells generation N to drain.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import signal
+import struct
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from queue import Empty, SimpleQueue
+
+from gatewayd import systemd
+from gatewayd.config import ConfigError, load_config
+from gatewayd.listeners import BindError, ListenerSet
+from gatewayd.model import GatewayConfig
+from gatewayd.routing import Router
+from gatewayd.tlsconf import bind_tls
+from gatewayd.workers.spec import BoundListener, WorkerSpec
+
+log = logging.getLogger("gatewayd.master")
+
+EXIT_OK, EXIT_RUNTIME, EXIT_BOOT, EXIT_CONFIG = 0, 1, 3, 4
+BOOT_TIMEOUT = 30.0
+SIGNALS = ("HUP", "QUIT", "INT", "TERM", "TTIN", "TTOU", "USR1", "CHLD")
+
+
+class HaltServer(Exception):
+    """Stop the master with `status` (and `reason` logged)."""
+
+    def __init__(self, reason: str, status: int = EXIT_OK) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+@dataclass
+class WorkerInfo:
+    pid: int
+    generation: int
+    heartbeat: str
+    started: float
+    ready: bool = False
+
+
+@dataclass
+class Generation:
+    number: int
+    config: GatewayConfig
+    spec_listeners: tuple[BoundListener, ...]  # built pre-fork
+    router: Router
+    workers: dict[int, WorkerInfo] = field(default_factory=dict)
+
+
+class Arbiter:
+    def __init__(self, config_path: str, config: GatewayConfig,
+                 overrides: dict[str, object] | None = None,
+                 loader: Callable[..., GatewayConfig] = load_config) -> None:
+        self.config_path = config_path
+        self.overrides = overrides or {}
+        self.loader = loader
+        self.config = config
+        self.listeners = ListenerSet(systemd.listen_fds())
+        self.signals: SimpleQueue[str] = SimpleQueue()
+        self.generations: list[Generation] = []
+        self.retiring: dict[int, tuple[WorkerInfo, float]] = {}  # pid → (info, kill deadline)
+        self.worker_count = config.server.workers
+        self.spawn_failures = 0
+        self.next_spawn = 0.0
+        self.seq = 0
+        self.pid = os.getpid()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._ready_r, self._ready_w = os.pipe2(os.O_NONBLOCK)
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def run(self) -> int:
+        try:
+            self._start()
+            while True:
+                self._loop_once()
+        except HaltServer as halt:
+            if halt.status:
+                log.error("stopping: %s", halt.reason)
+            else:
+                log.info("stopping: %s", halt.reason)
+            systemd.notify("STOPPING=1", f"STATUS={halt.reason}")
+            self._stop(graceful=halt.status == EXIT_OK and "graceful" in halt.reason)
+            return halt.status
+        finally:
+            self._cleanup()
+
+    def _start(self) -> None:
+        os.makedirs(self.config.server.runtime_dir, exist_ok=True)
+        self._write_pidfile()
+        for name in SIGNALS:
+            signal.signal(getattr(signal, f"SIG{name}"), self._queue_signal)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        try:
+            generation = self._build_generation(self.config)
+        except BindError as exc:
+            raise HaltServer(str(exc), EXIT_BOOT) from exc
+        self._spawn_generation(generation, boot=True)
+        self._notify_ready()
+
+    def _loop_once(self) -> None:
+        self._wait_for_events(1.0)
+        while True:
+            try:
+                name = self.signals.get_nowait()
+            except Empty:
+                break
+            handler = getattr(self, f"handle_{name.lower()}", None)
+            if handler:
+                handler()
+        self._reap()
+        self._read_ready()
+        self._murder_stalled()
+        self._kill_overdue_retirees()
+        self._maintain_workers()
+
+    def _queue_signal(self, signum: int, _frame: object) -> None:
+        self.signals.put(signal.Signals(signum).name[3:])
+
+    def _wait_for_events(self, timeout: float) -> None:
+        try:
+            ready, _, _ = select.select([self._wake_r, self._ready_r], [], [], timeout)
+        except InterruptedError:
+            return
+        if self._wake_r in ready:
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+
+    # -- signal handlers (called from the main loop, never from the signal) ----------
+
+    def handle_term(self) -> None:
+        raise HaltServer("graceful stop (SIGTERM)")
+
+    def handle_int(self) -> None:
+        raise HaltServer("fast stop (SIGINT)")
+
+    def handle_quit(self) -> None:
+        raise HaltServer("fast stop (SIGQUIT)")
+
+    def handle_chld(self) -> None:
+        pass  # reaping happens every loop
+
+    def handle_ttin(self) -> None:
+        self.worker_count += 1
+        log.info("SIGTTIN: workers → %d", self.worker_count)
+
+    def handle_ttou(self) -> None:
+        if self.worker_count > 1:
+            self.worker_count -= 1
+            log.info("SIGTTOU: workers → %d", self.worker_count)
+            current = self.generations[-1]
+            if len(current.workers) > self.worker_count:
+                oldest = min(current.workers.values(), key=lambda w: w.started)
+                self._retire(current.workers.pop(oldest.pid))
+
+    def handle_usr1(self) -> None:
+        for gen in self.generations:
+            for pid in gen.workers:
+                self._kill(pid, signal.SIGUSR1)
+
+    def handle_hup(self) -> None:
+        self.reload()
+
+    # -- reload -----------------------------------------------------------------------
+
+    def reload(self) -> None:
+        systemd.notify("RELOADING=1", systemd.monotonic_usec(), "STATUS=reloading")
+        try:
+            config = self.loader(self.config_path, self.overrides)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config:\n%s", exc)
+            systemd.notify("READY=1", f"STATUS=reload failed: {str(exc).splitlines()[0]}")
+            return
+        try:
+            generation = self._build_generation(config)
+        except (BindError, OSError, ValueError) as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            systemd.notify("READY=1", f"STATUS=reload failed: {exc}")
+            return
+        old = list(self.generations[:-1]) if self.generations else []
+        previous = self.generations[-1]
+        if self.worker_count == previous.config.server.workers:
+            self.worker_count = config.server.workers
+        if not self._spawn_generation(generation, boot=False):
+            self.generations.remove(generation)
+            log.error("reload failed: new workers did not boot; old workers keep serving")
+            systemd.notify("READY=1", "STATUS=reload failed: workers did not boot")
+            return
+        self.config = config
+        for gen in [*old, previous]:
+            for info in gen.workers.values():
+                self._retire(info)
+            gen.workers.clear()
+            self.generations.remove(gen)
+        self.listeners.close_unused(config.binds())
+        log.info("reloaded: generation %d serving", generation.number)
+        self._notify_ready()
+
+    # -- generations and workers -------------------------------------------------------
+
+    def _build_generation(self, config: GatewayConfig) -> Generation:
+        self.listeners.ensure(config.binds())
+        router = Router(config)
+        bound = tuple(
+            BoundListener(address, self.listeners.sockets[address], router.for_bind(address),
+                          bind_tls(router.for_bind(address)))
+            for address in config.binds()
+        )
+        number = self.generations[-1].number + 1 if self.generations else 1
+        generation = Generation(number, config, bound, router)
+        self.generations.append(generation)
+        return generation
+
+    def _spawn_generation(self, generation: Generation, boot: bool) -> bool:
+        for _ in range(self.worker_count):
+            self._spawn(generation)
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while not all(w.ready for w in generation.workers.values()) or len(
+                generation.workers) < self.worker_count:
+            if time.monotonic() > deadline:
+                break
+            self._wait_for_events(0.2)
+            self._read_ready()
+            dead = self._reap()
+            if any(info.generation == generation.number and not info.ready for info in dead):
+                break
+        ok = len(generation.workers) >= self.worker_count and all(
+            w.ready for w in generation.workers.values())
+        if ok:
+            return True
+        for info in list(generation.workers.values()):
+            self._kill(info.pid, signal.SIGKILL)
+        self._reap_blocking(list(generation.workers))
+        generation.workers.clear()
+        if boot:
+            raise HaltServer("workers failed to boot (see the log above)", EXIT_BOOT)
+        return False
+
+    def _spawn(self, generation: Generation) -> None:
+        self.seq += 1
+        heartbeat = os.path.join(generation.config.server.runtime_dir,
+                                 f"worker-{self.seq}.heartbeat")
+        spec = WorkerSpec(generation.config, generation.router, generation.spec_listeners,
+                          heartbeat, self._ready_w, self.pid, generation.number)
+        pid = os.fork()
+        if pid:
+            generation.workers[pid] = WorkerInfo(pid, generation.number, heartbeat,
+                                                 time.monotonic())
+            return
+        status = EXIT_RUNTIME
+        try:  # the child never returns into the master's code
+            signal.set_wakeup_fd(-1)
+            for name in SIGNALS:
+                signal.signal(getattr(signal, f"SIG{name}"), signal.SIG_DFL)
+            os.close(self._wake_r)
+            os.close(self._ready_r)
+            from gatewayd.workers.worker import run_worker
+
+            status = run_worker(spec)
+        except BaseException:
+            log.exception("worker failed to boot")
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+
+    def _retire(self, info: WorkerInfo) -> None:
+        """Ask a worker to drain; SIGKILL it if still alive after graceful_timeout."""
+        deadline = time.monotonic() + self.config.server.graceful_timeout + 5
+        self.retiring[info.pid] = (info, deadline)
+        self._kill(info.pid, signal.SIGTERM)
+
+    def _read_ready(self) -> None:
+        try:
+            data = os.read(self._ready_r, 4096)
+        except BlockingIOError:
+            return
+        for offset in range(0, len(data) - 4, 5):
+            (pid,) = struct.unpack("!I", data[offset + 1: offset + 5])
+            for gen in self.generations:
+                if pid in gen.workers:
+                    gen.workers[pid].ready = True
+                    self.spawn_failures = 0
+
+    def _reap(self) -> list[WorkerInfo]:
+        dead: list[WorkerInfo] = []
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return dead
+            if not pid:
+                return dead
+            code = os.waitstatus_to_exitcode(status)
+            if pid in self.retiring:
+                self.retiring.pop(pid)
+                continue
+            for gen in self.generations:
+                info = gen.workers.pop(pid, None)
+                if info is not None:
+                    dead.append(info)
+                    log.warning("worker %d exited (%s)%s", pid, _describe(code),
+                                "" if info.ready else " before it was ready")
+                    if not info.ready:
+                        self.spawn_failures += 1
+
+    def _reap_blocking(self, pids: list[int]) -> None:
+        for pid in pids:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+
+    def _maintain_workers(self) -> None:
+        """Keep the current generation at worker_count, backing off on a crash loop."""
+        if not self.generations:
+            return
+        current = self.generations[-1]
+        now = time.monotonic()
+        if len(current.workers) >= self.worker_count or now < self.next_spawn:
+            return
+        if self.spawn_failures:
+            self.next_spawn = now + min(0.1 * 2 ** self.spawn_failures, 10.0)
+        self._spawn(current)
+
+    def _murder_stalled(self) -> None:
+        timeout = self.config.server.worker_timeout
+        now = time.time()
+        for gen in self.generations:
+            for info in gen.workers.values():
+                if not info.ready:
+                    continue
+                try:
+                    age = now - os.stat(info.heartbeat).st_mtime
+                except OSError:
+                    continue
+                if age > timeout:
+                    log.error("worker %d missed its heartbeat for %.0fs: killing it",
+                              info.pid, age)
+                    self._kill(info.pid, signal.SIGKILL)
+
+    def _kill_overdue_retirees(self) -> None:
+        now = time.monotonic()
+        for pid, (_info, deadline) in list(self.retiring.items()):
+            if now > deadline:
+                self._kill(pid, signal.SIGKILL)
+
+    def _kill(self, pid: int, sig: int) -> None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def _notify_ready(self) -> None:
+        current = self.generations[-1]
+        systemd.notify("READY=1", f"STATUS=serving: {len(current.workers)} workers, "
+                                  f"generation {current.number}")
+
+    # -- stop -------------------------------------------------------------------------
+
+    def _stop(self, graceful: bool) -> None:
+        sig = signal.SIGTERM if graceful else signal.SIGQUIT
+        workers = [pid for gen in self.generations for pid in gen.workers] + list(
+            self.retiring)
+        self.listeners.close_all()
+        for pid in workers:
+            self._kill(pid, sig)
+        limit = self.config.server.graceful_timeout + 2 if graceful else 2.0
+        deadline = time.monotonic() + limit
+        remaining = set(workers)
+        while remaining and time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid:
+                remaining.discard(pid)
+            else:
+                self._wait_for_events(0.05)
+        for pid in remaining:
+            self._kill(pid, signal.SIGKILL)
+        self._reap_blocking(list(remaining))
+
+    def _cleanup(self) -> None:
+        pidfile = self.config.server.pidfile
+        if pidfile:
+            try:
+                os.unlink(pidfile)
+            except OSError:
+                pass
+        for gen in self.generations:
+            for info in gen.workers.values():
+                _unlink(info.heartbeat)
+
+    def _write_pidfile(self) -> None:
+        path = self.config.server.pidfile
+        if not path:
+            return
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as fh:
+            fh.write(f"{os.getpid()}\n")
+        os.replace(tmp, path)  # atomic: readers never see a half-written pid
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit status {code}"

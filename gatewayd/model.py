@@ -1,0 +1,173 @@
+"""The validated configuration, as immutable values.
+
+`gatewayd.config` turns a TOML file into one `GatewayConfig`; everything downstream
+(routing tables, TLS contexts, the master, the workers) reads only these objects, never
+the raw TOML.  They are frozen so that a config handed to a forked worker or kept by an
+old worker generation can never be changed underneath it.
+
+File paths are stored absolute (resolved against the config file's folder) and the
+contents of certificate files are read once at load time, so that a worker forked
+minutes later serves exactly what `--check` validated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A `host:port` to bind or connect to.  `host` is an IP literal or a DNS name,
+    without brackets for IPv6."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """The `[server]` table (also settable by flag and environment)."""
+
+    workers: int = 2
+    worker_connections: int = 10000
+    graceful_timeout: float = 30.0
+    worker_timeout: float = 30.0
+    admin_bind: str = "127.0.0.1:9180"
+    runtime_dir: str = "/run/gatewayd"
+    pidfile: str = ""
+    user: str = ""
+    group: str = ""
+    access_log: str = "-"
+    access_log_format: str = "json"
+    log_level: str = "info"
+    affinity_secret_file: str = ""
+    max_request_line: int = 8192
+    max_header_bytes: int = 32768
+    max_headers: int = 100
+    max_body_bytes: int = 0
+    client_header_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
+    tls_handshake_timeout: float = 10.0
+    websocket_idle_timeout: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class SslPolicy:
+    """A TLS policy for client-facing listeners.
+
+    `cipher_suites` are IANA names in preference order (TLS 1.2 and older suites);
+    `tls13_suites` are the IANA names of the TLS 1.3 suites, empty when the policy's
+    maximum protocol is below TLS 1.3.  Protocol names are "TLSv1.0" … "TLSv1.3".
+    """
+
+    name: str
+    min_protocol: str
+    max_protocol: str
+    cipher_suites: tuple[str, ...]
+    tls13_suites: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateFile:
+    """A PEM chain (leaf first) and its key, read at load time."""
+
+    certificate_path: str
+    private_key_path: str
+    certificate_pem: bytes
+    private_key_pem: bytes
+    not_after: float  # POSIX timestamp of the leaf's notAfter
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    name: str
+    bind: Address
+    protocol: str  # "http" | "https"
+    host_names: tuple[str, ...]  # empty = basic listener (any host)
+    certificate: CertificateFile | None  # None for http listeners
+    ssl_policy: SslPolicy | None  # None for http listeners
+    require_sni: bool = False
+    x_forwarded_for_port: bool = False
+    line: int = 0  # where the [[listener]] table starts in the file (for messages)
+
+    @property
+    def is_basic(self) -> bool:
+        return not self.host_names
+
+
+@dataclass(frozen=True, slots=True)
+class BackendPool:
+    name: str
+    servers: tuple[str, ...]  # "host[:port]" as written; resolved by the data plane
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSettings:
+    """How to talk to the servers of a pool (Azure: "backend settings").
+
+    `pins` is the set of raw SHA-256 digests of allowed SubjectPublicKeyInfo DER
+    (from `pinned_public_keys` and the public keys of `pinned_certificates`).
+    `trusted_roots_pem` is the concatenated PEM of `trusted_root_certificates`.
+    Verification can never be turned off: with neither pins nor roots the system
+    trust store is used.
+    """
+
+    name: str
+    protocol: str  # "http" | "https"
+    port: int
+    host_name: str = ""
+    pick_host_name_from_backend_address: bool = False
+    sni_name: str = ""
+    pins: frozenset[bytes] = frozenset()
+    trusted_roots_pem: bytes = b""
+    min_protocol: str = "TLSv1.2"
+    connect_timeout: float = 5.0
+    request_timeout: float = 20.0
+
+
+@dataclass(frozen=True, slots=True)
+class PathRule:
+    name: str
+    paths: tuple[str, ...]  # patterns: "/x/*", "/x*", "/x"
+    backend_pool: str
+    backend_settings: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    priority: int
+    listener: str
+    backend_pool: str
+    backend_settings: str
+    path_rules: tuple[PathRule, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """Everything one generation of workers serves.  Lookups by name are dicts built
+    once at load; `rules` are sorted by priority (lowest first)."""
+
+    source: str  # the config file's path, for messages
+    server: ServerSettings
+    listeners: tuple[Listener, ...]
+    backend_pools: dict[str, BackendPool] = field(default_factory=dict)
+    backend_settings: dict[str, BackendSettings] = field(default_factory=dict)
+    rules: tuple[Rule, ...] = ()
+    warnings: tuple[str, ...] = ()  # non-fatal findings (e.g. a suite OpenSSL refuses)
+
+    def binds(self) -> list[Address]:
+        """Distinct listen addresses, in file order."""
+        seen: dict[Address, None] = {}
+        for listener in self.listeners:
+            seen.setdefault(listener.bind, None)
+        return list(seen)
+
+    def rule_for_listener(self, name: str) -> Rule | None:
+        for rule in self.rules:
+            if rule.listener == name:
+                return rule
+        return None

@@ -1,0 +1,1 @@
+"""gatewayd's data plane: the only package that imports gevent."""

@@ -1,0 +1,566 @@
+"""One downstream (client) connection: TLS, then request → route → upstream → response,
+repeated while the connection is kept alive.
+
+Framing is never passed through: request and response bodies are parsed by llhttp
+(`http1`) and re-framed by us (Content-Length kept, chunked re-encoded), so what reaches
+either side is unambiguous whatever the other sent.  Bodies are streamed chunk by chunk
+with no whole-body buffering; a slow reader stalls its writer (backpressure).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from gevent import getcurrent
+
+from gatewayd import forwarding
+from gatewayd.forwarding import ForwardContext, gateway_response, upstream_request_head
+from gatewayd.model import Listener, ServerSettings
+from gatewayd.routing import BindRouter, Route, Router, RoutingError, normalize_target
+from gatewayd.tlsconf import BindTLS
+from gatewayd.workers.accesslog import AccessLog
+from gatewayd.workers.http1 import (
+    END,
+    HttpError,
+    RequestHead,
+    RequestParser,
+    ResponseHead,
+    ResponseParser,
+)
+from gatewayd.workers.tlsio import (
+    PlainStream,
+    Stream,
+    StreamClosed,
+    StreamTimeout,
+    TLSHandshakeFailed,
+    TLSStream,
+)
+from gatewayd.workers.upstream import Upstream, UpstreamConnectError, UpstreamError, UpstreamPool
+
+BODY_READ_TIMEOUT = 60.0  # s between two reads of a request body (nginx client_body_timeout)
+SEND_TIMEOUT = 60.0  # s a client may take to accept more of a response (nginx send_timeout)
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+@dataclass(slots=True)
+class BindContext:
+    """What a connection accepted on one bind needs: its routing and TLS contexts."""
+
+    port: int
+    router: BindRouter
+    tls: BindTLS | None
+
+
+@dataclass(slots=True)
+class Runtime:
+    """Per-worker state shared by every connection of one config generation."""
+
+    server: ServerSettings
+    router: Router
+    upstreams: UpstreamPool
+    access_log: AccessLog
+    draining: bool = False
+    idle: set[Any] = field(default_factory=set)  # greenlets waiting for a next request
+
+
+class _Abort(Exception):
+    """Stop serving this connection (already answered or unanswerable)."""
+
+
+class Connection:
+    """Serves one accepted client socket until it closes."""
+
+    def __init__(self, rt: Runtime, bind: BindContext, sock: Any, addr: tuple) -> None:
+        self.rt = rt
+        self.bind = bind
+        self.sock = sock
+        self.client_ip = addr[0]
+        self.client_port = addr[1]
+        self.stream: Stream | None = None
+        self.sni: str | None = None
+        limits = rt.server
+        self.parser = RequestParser(
+            max_request_line=limits.max_request_line,
+            max_header_bytes=limits.max_header_bytes,
+            max_headers=limits.max_headers,
+            max_body_bytes=limits.max_body_bytes,
+        )
+        self.events: deque[Any] = deque()
+        self.scheme = b"https" if bind.tls else b"http"
+        self.tls_protocol = ""
+        self.tls_cipher = ""
+
+    # -- connection lifecycle -------------------------------------------------------
+
+    def serve(self) -> None:
+        try:
+            self.stream = self._open_stream()
+            if self.stream is None:
+                return
+            first = True
+            while not self.rt.draining or first:
+                head = self._next_head(first)
+                if head is None or not self._exchange(head):
+                    break
+                first = False
+        except (_Abort, StreamClosed, StreamTimeout, OSError):
+            pass
+        finally:
+            if self.stream is not None:
+                self.stream.close()
+            else:
+                self.sock.close()
+
+    def _open_stream(self) -> Stream | None:
+        tls = self.bind.tls
+        if tls is None:
+            return PlainStream(self.sock)
+        stream = TLSStream.server(self.sock, tls.accept_context)
+        try:
+            stream.handshake(self.rt.server.tls_handshake_timeout)
+        except (TLSHandshakeFailed, StreamTimeout, StreamClosed, OSError):
+            stream.close()
+            return None
+        raw = stream.conn.get_servername()
+        self.sni = raw.decode("ascii", "replace") if raw else None
+        self.tls_protocol = stream.conn.get_protocol_version_name()
+        self.tls_cipher = stream.conn.get_cipher_name() or ""
+        return stream
+
+    def _recv_client(self, timeout: float) -> bytes:
+        assert self.stream is not None
+        self.stream.timeout = timeout
+        return self.stream.recv()
+
+    def _pump(self, timeout: float) -> bool:
+        """Read once from the client into the event queue; False on EOF."""
+        data = self._recv_client(timeout)
+        if not data:
+            return False
+        self.events.extend(self.parser.feed(data))
+        return True
+
+    def _next_head(self, first: bool) -> RequestHead | None:
+        """Wait for the next request head: keepalive_timeout while idle, then at most
+        client_header_timeout in total for the head itself (slowloris)."""
+        limits = self.rt.server
+        deadline: float | None = None
+        while True:
+            if self.events:
+                event = self.events.popleft()
+                if isinstance(event, RequestHead):
+                    return event
+                continue  # stray events cannot happen; be robust anyway
+            if self.parser.upgraded:
+                return None
+            now = time.monotonic()
+            if deadline is None and (first or self.parser.in_message()):
+                deadline = now + limits.client_header_timeout
+            timeout = limits.keepalive_timeout if deadline is None else deadline - now
+            idle = self.rt.idle if deadline is None else None
+            try:
+                if idle is not None:
+                    idle.add(getcurrent())  # a draining worker closes us right away
+                if timeout <= 0 or not self._pump(timeout):
+                    if self.parser.in_message():
+                        self._reply_error(408, "request_header_timeout", close=True)
+                    return None
+            except StreamTimeout:
+                if self.parser.in_message() or first and deadline is not None:
+                    self._reply_error(408, "request_header_timeout", close=True)
+                return None
+            except HttpError as exc:
+                self._reply_error(exc.status, exc.error_info, close=True)
+                return None
+            finally:
+                if idle is not None:
+                    idle.discard(getcurrent())
+
+    # -- one request/response exchange ----------------------------------------------
+
+    def _exchange(self, head: RequestHead) -> bool:
+        """Proxy one request; return True if the connection may serve another."""
+        record = _Record(self, head)
+        try:
+            return self._proxy(head, record)
+        except _Abort:
+            return False
+        finally:
+            record.finish(self.rt.access_log)
+
+    def _proxy(self, head: RequestHead, record: _Record) -> bool:
+        try:
+            target = normalize_target(head.target)
+            host = head.host.decode("latin-1")
+            listener = self.bind.router.select(host, self.sni)
+            record.listener = listener.name
+            route = self.rt.router.route(listener, target.path)
+        except RoutingError as exc:
+            return self._refuse(head, record, exc.status, exc.error_info)
+        record.set_route(route)
+        uri = target.path + ("?" + target.query if target.query else "")
+        record.uri = uri
+        upstream = self._connect(head, route, record)
+        if upstream is None:
+            return False
+        if head.expect_continue:
+            self._send_client(CONTINUE)
+        ctx = self._forward_context(head, listener, route, upstream, record.request_id)
+        framing = _request_framing(head)
+        request = upstream_request_head(head.method, uri.encode("latin-1"), head.headers, ctx,
+                                        framing)
+        return self._relay(head, route, upstream, request, record)
+
+    def _connect(self, head: RequestHead, route: Route, record: _Record) -> Upstream | None:
+        ups = self.rt.upstreams
+        client_host = head.host.decode("latin-1")
+        try:
+            server = ups.pick(route.backend_pool, route.backend_settings)
+        except IndexError:
+            self._refuse(head, record, 503, "no_healthy_server")
+            return None
+        for attempt in (1, 2):
+            record.backend = server.label
+            try:
+                up = ups.acquire(route.backend_pool, route.backend_settings, server, client_host)
+                record.backend_connect_time = 0.0 if up.reused else up.connect_time
+                return up
+            except UpstreamConnectError as exc:
+                record.error_info = f"{exc.reason}: {exc.detail}"
+                if attempt == 2 or len(ups.servers(route.backend_pool,
+                                                   route.backend_settings)) < 2:
+                    break
+                server = ups.pick(route.backend_pool, route.backend_settings, exclude=server)
+            except UpstreamError as exc:
+                record.error_info = f"{exc.reason}: {exc.detail}"
+                break
+        status = 504 if record.error_info.startswith("connect_timeout") else 502
+        self._refuse(head, record, status, record.error_info)
+        return None
+
+    def _forward_context(
+        self, head: RequestHead, listener: Listener, route: Route, up: Upstream, request_id: str
+    ) -> ForwardContext:
+        settings = self.rt.upstreams.settings(route.backend_settings)
+        if settings.host_name:
+            upstream_host = settings.host_name.encode("idna")
+        elif settings.pick_host_name_from_backend_address:
+            upstream_host = up.server.host.encode("idna")
+        else:
+            upstream_host = head.host
+        return ForwardContext(
+            client_ip=self.client_ip,
+            client_port=self.client_port,
+            scheme=self.scheme,
+            listener_port=self.bind.port,
+            xff_with_port=listener.x_forwarded_for_port,
+            request_id=request_id,
+            client_host=head.host,
+            upstream_host=upstream_host,
+        )
+
+    def _relay(
+        self, head: RequestHead, route: Route, up: Upstream, request: bytes, record: _Record
+    ) -> bool:
+        """Send the request (head + streamed body) and stream the response back."""
+        ups = self.rt.upstreams
+        settings = ups.settings(route.backend_settings)
+        retryable = up.reused and head.method in IDEMPOTENT and _no_body(head)
+        sent_at = time.monotonic()
+        try:
+            up.stream.timeout = settings.request_timeout
+            up.stream.sendall(request)
+            record.bytes_received += self._send_body(head, up)
+            parser = ResponseParser(request_method=head.method)
+            resp, pending = self._read_response_head(up, parser)
+        except _UpstreamGone as exc:
+            up.stream.close()
+            if retryable:  # the backend closed a pooled connection as we reused it
+                fresh = self._reconnect(head, route, up, record)
+                if fresh is None:
+                    return False
+                return self._relay(head, route, fresh, request, record)
+            return self._refuse(head, record, 502, exc.reason, body_pending=False)
+        except StreamTimeout:
+            up.stream.close()
+            return self._refuse(head, record, 504, "response_timeout", body_pending=False)
+        except HttpError as exc:
+            up.stream.close()
+            return self._refuse(head, record, 502, exc.error_info, body_pending=False)
+        record.backend_first_byte_time = time.monotonic() - sent_at
+        record.backend_status = resp.status
+        keep = head.keep_alive and not self.parser.upgraded and not self.rt.draining
+        return self._send_response(head, resp, pending, parser, up, record, keep)
+
+    def _reconnect(
+        self, head: RequestHead, route: Route, stale: Upstream, record: _Record
+    ) -> Upstream | None:
+        try:
+            return self.rt.upstreams.acquire_fresh(
+                route.backend_pool, route.backend_settings, stale.server,
+                head.host.decode("latin-1"))
+        except UpstreamError as exc:
+            self._refuse(head, record, 502, f"{exc.reason}: {exc.detail}", body_pending=False)
+            return None
+
+    def _send_body(self, head: RequestHead, up: Upstream) -> int:
+        """Stream the request body to the backend, re-framed; returns body bytes sent."""
+        if _no_body(head):
+            self._take_end()
+            return 0
+        total = 0
+        while True:
+            while self.events:
+                event = self.events[0]
+                if isinstance(event, RequestHead):
+                    raise HttpError(400, "bad_request: body ended early")
+                self.events.popleft()
+                if event is END:
+                    if head.chunked:
+                        _upstream_send(up, LAST_CHUNK)
+                    return total
+                total += len(event)
+                if head.chunked:
+                    _upstream_send(up, b"%x\r\n%b\r\n" % (len(event), event))
+                else:
+                    _upstream_send(up, event)
+            try:
+                if not self._pump(BODY_READ_TIMEOUT):
+                    raise _Abort()  # client went away mid-body: nothing to answer
+            except StreamTimeout:
+                self._reply_error(408, "request_body_timeout", close=True)
+                raise _Abort() from None
+            except HttpError as exc:
+                self._reply_error(exc.status, exc.error_info, close=True)
+                raise _Abort() from None
+
+    def _take_end(self) -> None:
+        """Consume the END of a body-less request (it may still be in the socket)."""
+        while True:
+            while self.events:
+                if self.events.popleft() is END:
+                    return
+            if not self._pump(BODY_READ_TIMEOUT):
+                raise _Abort()
+
+    def _read_response_head(
+        self, up: Upstream, parser: ResponseParser
+    ) -> tuple[ResponseHead, deque[Any]]:
+        pending: deque[Any] = deque()
+        received = False
+        while True:
+            try:
+                data = up.stream.recv()
+            except StreamClosed as exc:
+                raise _UpstreamGone("reset") from exc
+            if not data and not received:
+                raise _UpstreamGone("reset")  # closed before answering (stale keep-alive?)
+            received = True
+            pending.extend(parser.feed(data) if data else parser.feed_eof())
+            while pending:
+                event = pending.popleft()
+                if isinstance(event, ResponseHead):
+                    if 100 <= event.status < 200:  # interim: drop it and its END
+                        if event.status == 101:
+                            raise HttpError(502, "invalid_response: unexpected 101")
+                        continue
+                    return event, pending
+            if not data:
+                raise _UpstreamGone("reset")
+
+    def _send_response(
+        self,
+        head: RequestHead,
+        resp: ResponseHead,
+        pending: deque[Any],
+        parser: ResponseParser,
+        up: Upstream,
+        record: _Record,
+        keep: bool,
+    ) -> bool:
+        bodyless = head.method == b"HEAD" or resp.status in (204, 304)
+        rechunk = False
+        if resp.content_length is not None:
+            framing: bytes | None = b"Content-Length: %d" % resp.content_length
+        elif bodyless:
+            framing = None
+        elif head.version == b"1.1":
+            framing, rechunk = b"Transfer-Encoding: chunked", True
+        else:
+            framing, keep = None, False  # HTTP/1.0 client: delimit by closing
+        if keep and head.version == b"1.0":
+            resp.headers.append((b"Connection", b"keep-alive"))
+        out = [forwarding.client_response_head(resp.status, resp.reason, resp.headers,
+                                               framing, not keep)]
+        record.status = resp.status
+        sent = 0
+        complete = False
+        try:
+            while True:
+                while pending:
+                    event = pending.popleft()
+                    if event is END:
+                        complete = True
+                        break
+                    if isinstance(event, ResponseHead):
+                        continue
+                    sent += len(event)
+                    out.append(b"%x\r\n%b\r\n" % (len(event), event) if rechunk else event)
+                if complete:
+                    if rechunk:
+                        out.append(LAST_CHUNK)
+                    self._send_client(b"".join(out))
+                    break
+                self._send_client(b"".join(out) if len(out) > 1 else out[0])
+                out = []
+                data = up.stream.recv()
+                pending.extend(parser.feed(data) if data else parser.feed_eof())
+        except (HttpError, StreamClosed, StreamTimeout) as exc:
+            up.stream.close()
+            record.error_info = f"upstream_truncated: {exc}"
+            record.bytes_sent = sent
+            raise _Abort() from None  # the client sees the connection close mid-body
+        record.bytes_sent = sent
+        if resp.keep_alive and not parser.extra:
+            up.requests += 1
+            self.rt.upstreams.release(up)
+        else:
+            up.stream.close()
+        return keep
+
+    # -- answers made by the gateway ------------------------------------------------
+
+    def _refuse(
+        self, head: RequestHead, record: _Record, status: int, info: str,
+        body_pending: bool = True,
+    ) -> bool:
+        """Answer with a gateway-made status.  Unread body → close the connection, since
+        what follows on the wire can no longer be framed safely."""
+        record.status = status
+        record.error_info = info
+        close = not head.keep_alive or self.rt.draining or (
+            body_pending and not _no_body(head))
+        self._send_client(gateway_response(status, request_id=record.request_id, close=close))
+        if not close and body_pending:
+            self._take_end()
+        return not close
+
+    def _reply_error(self, status: int, info: str, close: bool) -> None:
+        record = _Record(self, None)
+        record.status = status
+        record.error_info = info
+        try:
+            self._send_client(gateway_response(status, request_id=record.request_id,
+                                               close=close))
+        except (StreamClosed, StreamTimeout, OSError):
+            pass
+        record.finish(self.rt.access_log)
+
+    def _send_client(self, data: bytes) -> None:
+        assert self.stream is not None
+        self.stream.timeout = SEND_TIMEOUT
+        self.stream.sendall(data)
+
+
+class _UpstreamGone(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _no_body(head: RequestHead) -> bool:
+    return not head.chunked and not head.content_length
+
+
+def _request_framing(head: RequestHead) -> bytes | None:
+    if head.chunked:
+        return b"Transfer-Encoding: chunked"
+    if head.content_length is not None:
+        return b"Content-Length: %d" % head.content_length
+    return None
+
+
+def _upstream_send(up: Upstream, data: bytes) -> None:
+    try:
+        up.stream.sendall(data)
+    except StreamClosed as exc:
+        raise _UpstreamGone("reset") from exc
+
+
+class _Record:
+    """The access-log fields of one request, filled in as the exchange proceeds."""
+
+    __slots__ = ("conn", "head", "request_id", "started", "listener", "rule", "path_rule",
+                 "backend_pool", "backend_settings", "backend", "uri", "status",
+                 "backend_status", "bytes_received", "bytes_sent", "backend_connect_time",
+                 "backend_first_byte_time", "error_info")
+
+    def __init__(self, conn: Connection, head: RequestHead | None) -> None:
+        self.conn = conn
+        self.head = head
+        self.request_id = forwarding.new_request_id()
+        self.started = time.time()
+        self.listener = self.rule = self.path_rule = ""
+        self.backend_pool = self.backend_settings = self.backend = ""
+        self.uri = head.target.decode("latin-1") if head else ""
+        self.status = 0
+        self.backend_status = 0
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.backend_connect_time: float | None = None
+        self.backend_first_byte_time: float | None = None
+        self.error_info = ""
+
+    def set_route(self, route: Route) -> None:
+        self.rule = route.rule.name
+        self.path_rule = route.path_rule.name if route.path_rule else ""
+        self.backend_pool = route.backend_pool
+        self.backend_settings = route.backend_settings
+
+    def finish(self, log: AccessLog) -> None:
+        head, conn = self.head, self.conn
+        user_agent = ""
+        if head is not None:
+            for name, value in head.headers:
+                if name.lower() == b"user-agent":
+                    user_agent = value.decode("latin-1")
+                    break
+        now = time.time()
+        log.write({
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.started))
+            + f".{int(self.started % 1 * 1000):03d}Z",
+            "request_id": self.request_id,
+            "client_ip": conn.client_ip,
+            "client_port": conn.client_port,
+            "listener": self.listener,
+            "rule": self.rule,
+            "path_rule": self.path_rule,
+            "backend_pool": self.backend_pool,
+            "backend_settings": self.backend_settings,
+            "backend": self.backend,
+            "method": head.method.decode("latin-1") if head else "",
+            "uri": self.uri,
+            "host": head.host.decode("latin-1") if head else "",
+            "http_version": head.version.decode() if head else "",
+            "status": self.status,
+            "backend_status": self.backend_status,
+            "bytes_received": self.bytes_received,
+            "bytes_sent": self.bytes_sent,
+            "duration": round(now - self.started, 6),
+            "backend_connect_time": _round(self.backend_connect_time),
+            "backend_first_byte_time": _round(self.backend_first_byte_time),
+            "tls_protocol": conn.tls_protocol,
+            "tls_cipher": conn.tls_cipher,
+            "sni": conn.sni or "",
+            "user_agent": user_agent,
+            "error_info": self.error_info,
+        }, self.started)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)

@@ -1,0 +1,279 @@
+"""The pyOpenSSL ⇄ gevent adapter: the only place in gatewayd that waits on a file descriptor.
+
+pyOpenSSL drives OpenSSL directly on the socket's file descriptor.  The descriptor is
+non-blocking (gevent sockets always are), so OpenSSL answers "would block" with
+`WantReadError` / `WantWriteError`; we then park the greenlet on a libev io watcher
+created once per stream (not once per wait) until the descriptor is ready, bounded by a
+`gevent.Timeout`.  A TLS 1.3 write may need a read (key update) and vice versa, so each
+wait follows what OpenSSL asked for, not what the caller is doing.
+
+`PlainStream` offers the same interface for `http` listeners and backends, so the proxy
+never asks which one it has.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from typing import Protocol
+
+from gevent import Timeout
+from gevent.hub import get_hub
+from OpenSSL import SSL
+
+_READ = 1
+_WRITE = 2
+RECV_SIZE = 65536
+
+
+class StreamTimeout(Exception):
+    """A read, write or handshake did not progress within its timeout."""
+
+
+class StreamClosed(Exception):
+    """The peer reset or the TLS layer failed after the handshake (not a clean EOF)."""
+
+
+class TLSHandshakeFailed(Exception):
+    """The TLS handshake failed; `reason` is a short OpenSSL-derived description."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Stream(Protocol):
+    """What the proxy needs of a client or backend connection."""
+
+    timeout: float | None
+
+    def recv(self, size: int = RECV_SIZE) -> bytes: ...
+
+    def sendall(self, data: bytes | memoryview) -> None: ...
+
+    def close(self) -> None: ...
+
+    def fileno(self) -> int: ...
+
+
+class _Waiter:
+    """Two io watchers for one descriptor, reused for every wait on it."""
+
+    __slots__ = ("_hub", "_read", "_write")
+
+    def __init__(self, fd: int) -> None:
+        self._hub = get_hub()
+        loop = self._hub.loop
+        self._read = loop.io(fd, _READ)
+        self._write = loop.io(fd, _WRITE)
+
+    def wait(self, events: int, timeout: float | None) -> None:
+        watcher = self._read if events == _READ else self._write
+        if timeout is None:
+            self._hub.wait(watcher)
+            return
+        timer = Timeout._start_new_or_dummy(timeout, StreamTimeout)
+        try:
+            self._hub.wait(watcher)
+        finally:
+            timer.close()
+
+    def close(self) -> None:
+        for watcher in (self._read, self._write):
+            watcher.close()
+
+
+class PlainStream:
+    """A cleartext TCP connection with the Stream interface."""
+
+    __slots__ = ("sock", "timeout", "_fd", "_waiter")
+
+    def __init__(self, sock: socket.socket, timeout: float | None = None) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.timeout = timeout
+        self._fd = sock.fileno()
+        self._waiter = _Waiter(self._fd)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def recv(self, size: int = RECV_SIZE) -> bytes:
+        while True:
+            try:
+                return self.sock.recv(size)
+            except BlockingIOError:
+                self._waiter.wait(_READ, self.timeout)
+            except (ConnectionResetError, BrokenPipeError) as exc:
+                raise StreamClosed(str(exc)) from exc
+
+    def sendall(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                sent = self.sock.send(view)
+            except BlockingIOError:
+                self._waiter.wait(_WRITE, self.timeout)
+                continue
+            except (ConnectionResetError, BrokenPipeError) as exc:
+                raise StreamClosed(str(exc)) from exc
+            view = view[sent:]
+
+    def close(self) -> None:
+        self._waiter.close()
+        self.sock.close()
+
+
+class TLSStream:
+    """A TLS connection (either side) over a connected, non-blocking socket."""
+
+    __slots__ = ("sock", "conn", "timeout", "_fd", "_waiter")
+
+    def __init__(self, sock: socket.socket, conn: SSL.Connection, timeout: float | None = None):
+        sock.setblocking(False)
+        self.sock = sock
+        self.conn = conn
+        self.timeout = timeout
+        self._fd = sock.fileno()
+        self._waiter = _Waiter(self._fd)
+
+    @classmethod
+    def server(cls, sock: socket.socket, context: SSL.Context) -> TLSStream:
+        conn = SSL.Connection(context, sock)
+        conn.set_accept_state()
+        return cls(sock, conn)
+
+    @classmethod
+    def client(cls, sock: socket.socket, context: SSL.Context, sni: str | None) -> TLSStream:
+        conn = SSL.Connection(context, sock)
+        if sni:
+            conn.set_tlsext_host_name(sni.encode("idna"))
+        conn.set_connect_state()
+        return cls(sock, conn)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def handshake(self, timeout: float) -> None:
+        """Complete the handshake within `timeout` seconds in total (not per step), so a
+        peer that trickles bytes cannot hold the connection longer."""
+        timer = Timeout._start_new_or_dummy(timeout, StreamTimeout)
+        try:
+            while True:
+                try:
+                    self.conn.do_handshake()
+                    return
+                except SSL.WantReadError:
+                    self._waiter.wait(_READ, None)
+                except SSL.WantWriteError:
+                    self._waiter.wait(_WRITE, None)
+                except SSL.SysCallError as exc:
+                    raise TLSHandshakeFailed(_syscall_reason(exc)) from exc
+                except SSL.Error as exc:
+                    raise TLSHandshakeFailed(_ssl_reason(exc)) from exc
+        finally:
+            timer.close()
+
+    def recv(self, size: int = RECV_SIZE) -> bytes:
+        """Return decrypted bytes; b"" on EOF (a close_notify or a bare TCP close: for
+        HTTP the framing layer decides whether a message was cut short)."""
+        while True:
+            try:
+                return self.conn.recv(size)
+            except SSL.WantReadError:
+                self._waiter.wait(_READ, self.timeout)
+            except SSL.WantWriteError:
+                self._waiter.wait(_WRITE, self.timeout)
+            except SSL.ZeroReturnError:
+                return b""
+            except SSL.SysCallError as exc:
+                if exc.args and exc.args[0] == -1:  # unexpected EOF
+                    return b""
+                raise StreamClosed(_syscall_reason(exc)) from exc
+            except SSL.Error as exc:
+                raise StreamClosed(_ssl_reason(exc)) from exc
+
+    def sendall(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                sent = self.conn.send(view)
+            except SSL.WantWriteError:
+                self._waiter.wait(_WRITE, self.timeout)
+                continue
+            except SSL.WantReadError:
+                self._waiter.wait(_READ, self.timeout)
+                continue
+            except SSL.SysCallError as exc:
+                raise StreamClosed(_syscall_reason(exc)) from exc
+            except SSL.Error as exc:
+                raise StreamClosed(_ssl_reason(exc)) from exc
+            view = view[sent:]
+
+    def shutdown(self) -> None:
+        """Send close_notify without waiting for the peer's (best effort)."""
+        try:
+            self.conn.shutdown()
+        except SSL.Error:
+            pass
+
+    def close(self) -> None:
+        self.shutdown()
+        self._waiter.close()
+        self.sock.close()
+
+
+def _ssl_reason(exc: SSL.Error) -> str:
+    """The most specific OpenSSL reason string in a pyOpenSSL error."""
+    try:
+        errors = exc.args[0]
+        if errors and isinstance(errors, list):
+            return str(errors[-1][2]) or "tls_error"
+    except (IndexError, TypeError):
+        pass
+    return str(exc) or "tls_error"
+
+
+def _syscall_reason(exc: SSL.SysCallError) -> str:
+    if exc.args and exc.args[0] == -1:
+        return "unexpected eof"
+    return str(exc.args[1]) if len(exc.args) > 1 else "syscall error"
+
+
+def open_tcp(sockaddr: tuple, family: int, timeout: float) -> socket.socket:
+    """A non-blocking TCP connection to `sockaddr`; ConnectionRefusedError/OSError on
+    failure, StreamTimeout if it does not complete within `timeout` seconds."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = sock.connect_ex(sockaddr)
+        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+            raise OSError(err, os.strerror(err))
+        if err:
+            waiter = _Waiter(sock.fileno())
+            try:
+                waiter.wait(_WRITE, timeout)
+            finally:
+                waiter.close()
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err == errno.ECONNREFUSED:
+                raise ConnectionRefusedError(err, os.strerror(err))
+            if err:
+                raise OSError(err, os.strerror(err))
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+def peer_closed(sock: socket.socket) -> bool:
+    """True if an idle pooled connection has been closed (or written to) by the peer.
+    Anything readable on an idle HTTP/1.1 connection means it must not be reused."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) is not None
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True

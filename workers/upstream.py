@@ -1,0 +1,231 @@
+"""Connections to backend servers: connect, TLS, the trust decision, and a per-worker
+keep-alive pool (Envoy's "upstream" side).
+
+A connection leaves `connect` only after `gatewayd.trust.check_backend` has accepted the
+backend's certificate; on refusal the socket is closed right after the handshake, so the
+backend never receives a byte of the request.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from gevent import socket as gsocket
+from OpenSSL import SSL
+
+from gatewayd.model import BackendPool, BackendSettings
+from gatewayd.tlsconf import client_context, verify_result
+from gatewayd.trust import TrustFailure, check_backend, is_ip_literal, sni_for
+from gatewayd.workers.tlsio import (
+    PlainStream,
+    Stream,
+    StreamTimeout,
+    TLSHandshakeFailed,
+    TLSStream,
+    open_tcp,
+    peer_closed,
+)
+
+# Idle pooled connections older than this are closed rather than reused: most servers
+# drop idle keep-alive connections after 60-75 s (nginx: 75 s, Apache: 5 s is the rare
+# outlier, and the retry in the proxy covers that race).
+IDLE_TTL = 50.0
+MAX_IDLE_PER_KEY = 64
+
+
+class UpstreamError(Exception):
+    """No usable connection to a backend; `reason` is a CONTRACT §10 failure reason."""
+
+    def __init__(self, reason: str, detail: str, server: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.server = server
+
+
+class UpstreamConnectError(UpstreamError):
+    """TCP or DNS failed: nothing was sent; safe to try another server."""
+
+
+class UpstreamTLSError(UpstreamError):
+    """The handshake failed or the certificate was refused: no request byte was sent."""
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    """One pool member: `host:port` as the config names it."""
+
+    host: str
+    port: int
+
+    @property
+    def label(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_server(text: str, default_port: int) -> Server:
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        return Server(host, int(rest[1:]) if rest.startswith(":") else default_port)
+    if text.count(":") == 1:
+        host, port = text.split(":")
+        return Server(host, int(port))
+    return Server(text, default_port)
+
+
+@dataclass(slots=True)
+class Upstream:
+    """A live connection to one server, with what the pool needs to reuse it."""
+
+    stream: Stream
+    server: Server
+    key: tuple[str, int, str, str]
+    connect_time: float
+    idle_since: float = 0.0
+    requests: int = 0
+    reused: bool = False
+
+
+@dataclass(slots=True)
+class _Target:
+    settings: BackendSettings
+    context: SSL.Context | None
+    servers: list[Server]
+    cursor: itertools.cycle[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cursor = itertools.cycle(range(max(len(self.servers), 1)))
+
+
+class UpstreamPool:
+    """Per-worker: picks servers round-robin and keeps idle keep-alive connections."""
+
+    def __init__(
+        self, pools: dict[str, BackendPool], settings: dict[str, BackendSettings]
+    ) -> None:
+        self._contexts = {
+            name: client_context(s) for name, s in settings.items() if s.protocol == "https"
+        }
+        self._pools = pools
+        self._settings = settings
+        self._targets: dict[tuple[str, str], _Target] = {}
+        self._idle: dict[tuple[str, int, str, str], deque[Upstream]] = {}
+
+    def _target(self, pool_name: str, settings_name: str) -> _Target:
+        key = (pool_name, settings_name)
+        target = self._targets.get(key)
+        if target is None:
+            settings = self._settings[settings_name]
+            servers = [parse_server(s, settings.port) for s in self._pools[pool_name].servers]
+            target = _Target(settings, self._contexts.get(settings_name), servers)
+            self._targets[key] = target
+        return target
+
+    def settings(self, name: str) -> BackendSettings:
+        return self._settings[name]
+
+    def servers(self, pool_name: str, settings_name: str) -> list[Server]:
+        return self._target(pool_name, settings_name).servers
+
+    def pick(self, pool_name: str, settings_name: str, exclude: Server | None = None) -> Server:
+        """Round-robin; IndexError when the pool has no server."""
+        target = self._target(pool_name, settings_name)
+        if not target.servers:
+            raise IndexError(pool_name)
+        for _ in range(len(target.servers)):
+            server = target.servers[next(target.cursor) % len(target.servers)]
+            if server != exclude or len(target.servers) == 1:
+                return server
+        return target.servers[0]
+
+    def acquire(
+        self, pool_name: str, settings_name: str, server: Server, client_host: str
+    ) -> Upstream:
+        """An idle pooled connection to `server` if one is alive, else a new one."""
+        target = self._target(pool_name, settings_name)
+        settings = target.settings
+        name = sni_for(settings, server.host, client_host) if target.context else ""
+        key = (server.host, server.port, settings.name, name)
+        idle = self._idle.get(key)
+        now = time.monotonic()
+        while idle:
+            up = idle.pop()
+            sock = up.stream.sock  # type: ignore[attr-defined]
+            if now - up.idle_since < IDLE_TTL and not peer_closed(sock):
+                up.reused = True
+                return up
+            up.stream.close()
+        return self._connect(target, server, key, name)
+
+    def acquire_fresh(
+        self, pool_name: str, settings_name: str, server: Server, client_host: str
+    ) -> Upstream:
+        """A new connection, never a pooled one (after a pooled one turned out dead)."""
+        target = self._target(pool_name, settings_name)
+        name = sni_for(target.settings, server.host, client_host) if target.context else ""
+        return self._connect(target, server, (server.host, server.port, target.settings.name,
+                                              name), name)
+
+    def release(self, up: Upstream) -> None:
+        """Return a connection whose last response was complete and keep-alive."""
+        idle = self._idle.setdefault(up.key, deque())
+        if len(idle) >= MAX_IDLE_PER_KEY:
+            up.stream.close()
+            return
+        up.idle_since = time.monotonic()
+        up.stream.timeout = None
+        idle.append(up)
+
+    def close_idle(self) -> None:
+        for idle in self._idle.values():
+            while idle:
+                idle.pop().stream.close()
+
+    def _connect(
+        self, target: _Target, server: Server, key: tuple[str, int, str, str], name: str
+    ) -> Upstream:
+        settings = target.settings
+        started = time.monotonic()
+        sock = self._open(server, settings.connect_timeout)
+        if target.context is None:
+            return Upstream(PlainStream(sock), server, key, time.monotonic() - started)
+        sni = None if is_ip_literal(name) else name
+        stream = TLSStream.client(sock, target.context, sni)
+        try:
+            stream.handshake(settings.connect_timeout)
+            leaf = stream.conn.get_peer_certificate(as_cryptography=True)
+            check_backend(settings, leaf, verify_result(stream.conn), name)
+        except TLSHandshakeFailed as exc:
+            stream.close()
+            raise UpstreamTLSError("tls_handshake", exc.reason, server.label) from exc
+        except StreamTimeout as exc:
+            stream.close()
+            raise UpstreamTLSError("tls_handshake", "handshake timed out", server.label) from exc
+        except TrustFailure as exc:
+            stream.close()  # after the handshake, before any request byte
+            raise UpstreamTLSError(exc.reason, exc.detail, server.label) from exc
+        stream.timeout = settings.request_timeout
+        return Upstream(stream, server, key, time.monotonic() - started)
+
+    @staticmethod
+    def _open(server: Server, timeout: float) -> socket.socket:
+        try:
+            infos = gsocket.getaddrinfo(server.host, server.port, 0, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise UpstreamConnectError("dns", str(exc), server.label) from exc
+        last: UpstreamConnectError | None = None
+        for family, _type, _proto, _canon, sockaddr in infos:
+            try:
+                return open_tcp(sockaddr, family, timeout)
+            except StreamTimeout:
+                last = UpstreamConnectError("connect_timeout", "connect timed out", server.label)
+            except ConnectionRefusedError as exc:
+                last = UpstreamConnectError("connect_refused", str(exc), server.label)
+            except OSError as exc:
+                last = UpstreamConnectError("connect_refused", str(exc), server.label)
+        assert last is not None
+        raise last

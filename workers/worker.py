@@ -1,0 +1,154 @@
+"""A worker process: booted by the master right after fork, it serves connections on the
+inherited listen sockets until told to stop.
+
+gevent is imported here for the first time in the process (the master never imports
+it), so every worker starts with a fresh hub.  Signals: TERM = graceful (stop accepting,
+let in-flight requests finish for up to graceful_timeout, close idle keep-alives);
+INT/QUIT = stop now; USR1 = reopen the access log.  A heartbeat file is touched from the
+hub every second, so a worker whose event loop is stuck stops heartbeating and the
+master replaces it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+from types import TracebackType
+
+import gevent
+import gevent.pool
+from gevent.hub import get_hub
+
+from gatewayd.tlsconf import SNIRejected
+from gatewayd.workers.accesslog import AccessLog
+from gatewayd.workers.proxy import BindContext, Connection, Runtime
+from gatewayd.workers.spec import READY, BoundListener, WorkerSpec
+from gatewayd.workers.upstream import UpstreamPool
+
+log = logging.getLogger("gatewayd.worker")
+HEARTBEAT_INTERVAL = 1.0
+
+
+def run_worker(spec: WorkerSpec) -> int:
+    """Serve until stopped; returns the process exit status."""
+    _quiet_sni_rejections()
+    worker = Worker(spec)
+    try:
+        return worker.run()
+    except Exception:
+        log.exception("worker %d crashed", os.getpid())
+        return 1
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        server = spec.config.server
+        self.runtime = Runtime(
+            server=server,
+            router=spec.router,
+            upstreams=UpstreamPool(spec.config.backend_pools, spec.config.backend_settings),
+            access_log=AccessLog(server.access_log, server.access_log_format),
+        )
+        self.pool = gevent.pool.Pool(server.worker_connections)
+        self.accepting: list[gevent.Greenlet] = []
+        self.stopping = False
+
+    def run(self) -> int:
+        hub = get_hub()
+        hub.NOT_ERROR = (*hub.NOT_ERROR, SNIRejected)
+        for signum in (signal.SIGINT, signal.SIGQUIT):
+            signal.signal(signum, signal.SIG_DFL)  # fast stop: the default action
+        gevent.signal_handler(signal.SIGTERM, self.graceful_stop)
+        gevent.signal_handler(signal.SIGUSR1, self.runtime.access_log.reopen)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads are the master's job
+        signal.signal(signal.SIGTTIN, signal.SIG_IGN)
+        signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        for bound in self.spec.listeners:
+            self.accepting.append(gevent.spawn(self._accept_loop, bound))
+        heartbeat = gevent.spawn(self._heartbeat)
+        os.write(self.spec.ready_fd, READY + struct.pack("!I", os.getpid()))
+        gevent.joinall(self.accepting)
+        heartbeat.kill()
+        return 0
+
+    def _accept_loop(self, bound: BoundListener) -> None:
+        listen = bound.sock
+        listen.setblocking(False)
+        ctx = BindContext(port=bound.address.port, router=bound.router, tls=bound.tls)
+        watcher = get_hub().loop.io(listen.fileno(), 1)
+        rt = self.runtime
+        pool = self.pool
+        try:
+            while not self.stopping:
+                try:
+                    sock, addr = listen.accept()
+                except BlockingIOError:
+                    get_hub().wait(watcher)
+                    continue
+                except OSError as exc:  # EMFILE etc.: back off instead of spinning
+                    log.warning("accept failed: %s", exc)
+                    gevent.sleep(0.1)
+                    continue
+                pool.spawn(_serve, rt, ctx, sock, addr)
+        finally:
+            watcher.close()
+
+    def _heartbeat(self) -> None:
+        path = self.spec.heartbeat_path
+        with open(path, "wb"):
+            pass
+        while True:
+            if os.getppid() != self.spec.master_pid:
+                log.error("master %d is gone; worker exits", self.spec.master_pid)
+                os._exit(0)
+            os.utime(path)
+            gevent.sleep(HEARTBEAT_INTERVAL)
+
+    def graceful_stop(self) -> None:
+        """Stop accepting; let open connections finish (up to graceful_timeout)."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.runtime.draining = True
+        for greenlet in self.accepting:
+            greenlet.kill(block=False)
+        for bound in self.spec.listeners:
+            bound.sock.close()
+        for idle in list(self.runtime.idle):
+            idle.kill(block=False)  # idle keep-alive connections: close them now
+        gevent.spawn(self._drain)
+
+    def _drain(self) -> None:
+        timeout = self.spec.config.server.graceful_timeout
+        self.pool.join(timeout=timeout)
+        if len(self.pool):
+            log.warning("graceful_timeout %.0fs: cutting %d connections", timeout,
+                        len(self.pool))
+            self.pool.kill(block=True, timeout=1)
+        self.runtime.upstreams.close_idle()
+        os._exit(0)
+
+
+def _serve(rt: Runtime, ctx: BindContext, sock: socket.socket, addr: tuple) -> None:
+    try:
+        Connection(rt, ctx, sock, addr).serve()
+    except Exception:
+        log.exception("connection from %s failed", addr[0])
+
+
+def _quiet_sni_rejections() -> None:
+    """pyOpenSSL reports exceptions from the SNI callback to sys.excepthook; a refused
+    handshake for require_sni is expected traffic, not a crash worth a traceback."""
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException,
+             tb: TracebackType | None) -> None:
+        if not isinstance(value, SNIRejected):
+            previous(kind, value, tb)
+
+    sys.excepthook = hook
