@@ -37,7 +37,7 @@ def _name(common_name: str) -> x509.Name:
 
 def _issue(names: list[str], issuer: _Issued | None, ca: bool = False) -> _Issued:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     subject = _name(names[0])
     builder = (
         x509.CertificateBuilder()
@@ -175,7 +175,7 @@ Try:
   curl --cacert {ca_path} https://localhost:{port}/
   curl --cacert {ca_path} https://localhost:{port}/images/cat.png
   curl --cacert {ca_path} -d 'hello' https://localhost:{port}/api/echo
-  curl --cacert {ca_path} -sv -o /dev/null https://localhost:{port}/ 2>&1 | grep -E 'SSL connection|HTTP/'
+  curl --cacert {ca_path} -sv -o /dev/null https://localhost:{port}/ 2>&1 | grep -E 'SSL|HTTP/'
   gatewayd --pin {folder}/web.pem
 """, flush=True)
         return serve(path, config, overrides)

@@ -315,11 +315,12 @@ class Arbiter:
                 return dead
             code = os.waitstatus_to_exitcode(status)
             if pid in self.retiring:
-                self.retiring.pop(pid)
+                _unlink(self.retiring.pop(pid)[0].heartbeat)
                 continue
             for gen in self.generations:
                 info = gen.workers.pop(pid, None)
                 if info is not None:
+                    _unlink(info.heartbeat)
                     dead.append(info)
                     log.warning("worker %d exited (%s)%s", pid, _describe(code),
                                 "" if info.ready else " before it was ready")

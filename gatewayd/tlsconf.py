@@ -14,6 +14,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -49,7 +50,7 @@ def set_groups(ctx: SSL.Context) -> str:
     setter = getattr(_lib, "SSL_CTX_set1_curves_list", None)
     if setter is None:
         return "openssl-default"
-    raw = ctx._context  # noqa: SLF001 - the binding needs the SSL_CTX pointer
+    raw = ctx._context
     for groups in (GROUPS_PREFERRED, GROUPS_FALLBACK):
         if setter(raw, groups) == 1:
             return groups.decode()
@@ -71,7 +72,7 @@ def _apply_policy(ctx: SSL.Context, policy: SslPolicy) -> None:
         ctx.set_tls13_ciphersuites(tls13.encode())
 
 
-def _alpn_select(conn: SSL.Connection, offered: list[bytes]) -> bytes | object:
+def _alpn_select(conn: SSL.Connection, offered: list[bytes]) -> bytes | Any:
     """HTTP/2 is not served yet: pick http/1.1 or carry on without ALPN."""
     return ALPN_HTTP11 if ALPN_HTTP11 in offered else SSL.NO_OVERLAPPING_PROTOCOLS
 
@@ -160,4 +161,4 @@ def client_context(settings: BackendSettings) -> SSL.Context:
 
 def verify_result(conn: SSL.Connection) -> int:
     """OpenSSL's recorded chain verdict (X509_V_OK = 0) for a finished handshake."""
-    return int(_lib.SSL_get_verify_result(conn._ssl))  # noqa: SLF001
+    return int(_lib.SSL_get_verify_result(conn._ssl))

@@ -83,6 +83,7 @@ def backend_factory(
             record=record,
             client_ca=client_ca,
         )
+        backend.leaf = leaf
         started.append(backend)
         return backend.start()
 

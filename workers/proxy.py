@@ -21,8 +21,9 @@ from gatewayd.forwarding import ForwardContext, gateway_response, upstream_reque
 from gatewayd.model import Listener, ServerSettings
 from gatewayd.routing import BindRouter, Route, Router, RoutingError, normalize_target
 from gatewayd.tlsconf import BindTLS
-from gatewayd.workers.accesslog import AccessLog
-from gatewayd.workers.http1 import (
+
+from .accesslog import AccessLog
+from .http1 import (
     END,
     HttpError,
     RequestHead,
@@ -30,7 +31,7 @@ from gatewayd.workers.http1 import (
     ResponseHead,
     ResponseParser,
 )
-from gatewayd.workers.tlsio import (
+from .tlsio import (
     PlainStream,
     Stream,
     StreamClosed,
@@ -38,7 +39,7 @@ from gatewayd.workers.tlsio import (
     TLSHandshakeFailed,
     TLSStream,
 )
-from gatewayd.workers.upstream import Upstream, UpstreamConnectError, UpstreamError, UpstreamPool
+from .upstream import Upstream, UpstreamConnectError, UpstreamError, UpstreamPool
 
 BODY_READ_TIMEOUT = 60.0  # s between two reads of a request body (nginx client_body_timeout)
 SEND_TIMEOUT = 60.0  # s a client may take to accept more of a response (nginx send_timeout)
@@ -171,7 +172,7 @@ class Connection:
                         self._reply_error(408, "request_header_timeout", close=True)
                     return None
             except StreamTimeout:
-                if self.parser.in_message() or first and deadline is not None:
+                if self.parser.in_message() or (first and deadline is not None):
                     self._reply_error(408, "request_header_timeout", close=True)
                 return None
             except HttpError as exc:
@@ -495,10 +496,26 @@ def _upstream_send(up: Upstream, data: bytes) -> None:
 class _Record:
     """The access-log fields of one request, filled in as the exchange proceeds."""
 
-    __slots__ = ("conn", "head", "request_id", "started", "listener", "rule", "path_rule",
-                 "backend_pool", "backend_settings", "backend", "uri", "status",
-                 "backend_status", "bytes_received", "bytes_sent", "backend_connect_time",
-                 "backend_first_byte_time", "error_info")
+    __slots__ = (
+        "backend",
+        "backend_connect_time",
+        "backend_first_byte_time",
+        "backend_pool",
+        "backend_settings",
+        "backend_status",
+        "bytes_received",
+        "bytes_sent",
+        "conn",
+        "error_info",
+        "head",
+        "listener",
+        "path_rule",
+        "request_id",
+        "rule",
+        "started",
+        "status",
+        "uri",
+    )
 
     def __init__(self, conn: Connection, head: RequestHead | None) -> None:
         self.conn = conn

@@ -47,6 +47,7 @@ class Stream(Protocol):
     """What the proxy needs of a client or backend connection."""
 
     timeout: float | None
+    sock: socket.socket
 
     def recv(self, size: int = RECV_SIZE) -> bytes: ...
 
@@ -87,7 +88,7 @@ class _Waiter:
 class PlainStream:
     """A cleartext TCP connection with the Stream interface."""
 
-    __slots__ = ("sock", "timeout", "_fd", "_waiter")
+    __slots__ = ("_fd", "_waiter", "sock", "timeout")
 
     def __init__(self, sock: socket.socket, timeout: float | None = None) -> None:
         sock.setblocking(False)
@@ -128,7 +129,7 @@ class PlainStream:
 class TLSStream:
     """A TLS connection (either side) over a connected, non-blocking socket."""
 
-    __slots__ = ("sock", "conn", "timeout", "_fd", "_waiter")
+    __slots__ = ("_fd", "_waiter", "conn", "sock", "timeout")
 
     def __init__(self, sock: socket.socket, conn: SSL.Connection, timeout: float | None = None):
         sock.setblocking(False)

@@ -20,7 +20,8 @@ from OpenSSL import SSL
 from gatewayd.model import BackendPool, BackendSettings
 from gatewayd.tlsconf import client_context, verify_result
 from gatewayd.trust import TrustFailure, check_backend, is_ip_literal, sni_for
-from gatewayd.workers.tlsio import (
+
+from .tlsio import (
     PlainStream,
     Stream,
     StreamTimeout,
@@ -154,7 +155,7 @@ class UpstreamPool:
         now = time.monotonic()
         while idle:
             up = idle.pop()
-            sock = up.stream.sock  # type: ignore[attr-defined]
+            sock = up.stream.sock
             if now - up.idle_since < IDLE_TTL and not peer_closed(sock):
                 up.reused = True
                 return up

@@ -24,10 +24,11 @@ import gevent.pool
 from gevent.hub import get_hub
 
 from gatewayd.tlsconf import SNIRejected
-from gatewayd.workers.accesslog import AccessLog
-from gatewayd.workers.proxy import BindContext, Connection, Runtime
-from gatewayd.workers.spec import READY, BoundListener, WorkerSpec
-from gatewayd.workers.upstream import UpstreamPool
+
+from .accesslog import AccessLog
+from .proxy import BindContext, Connection, Runtime
+from .spec import READY, BoundListener, WorkerSpec
+from .upstream import UpstreamPool
 
 log = logging.getLogger("gatewayd.worker")
 HEARTBEAT_INTERVAL = 1.0

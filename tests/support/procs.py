@@ -337,6 +337,7 @@ class Backend:
         self.record_path: Path | None = self.workdir / f"{name}.records.jsonl" if record else None
         self._port = port
         self.proc: Proc | None = None
+        self.leaf: Any = None  # the tests.support.pki.Leaf it serves, when known
 
     @property
     def tls(self) -> bool:
