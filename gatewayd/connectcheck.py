@@ -77,7 +77,8 @@ def check_server(settings: BackendSettings, host: str, port: int) -> str:
                 note = ""
             else:
                 _check_chain_only(settings, leaf, result)
-                note = " (name checked per request against the client's Host)"
+                pins_only = settings.pins and not settings.trusted_roots_pem  # §4: no name
+                note = "" if pins_only else " (name checked per request against the client's Host)"
         except TrustFailure as exc:
             return f"{exc.reason}: {exc.detail}"
         pin = format_pin(spki_sha256(leaf)) if leaf is not None else "-"
