@@ -328,6 +328,8 @@ def test_max_body_zero_is_unlimited() -> None:
         (b"GET http://b/ HTTP/1.1\r\nHost: a\r\n\r\n", 400, "host_mismatch"),
         (b"GET http://u@a/ HTTP/1.1\r\nHost: a\r\n\r\n", 400, "bad_request: invalid authority"),
         (b"GET * HTTP/1.1\r\nHost: a\r\n\r\n", 400, "bad_request: asterisk-form target"),
+        (b"GET /a#b HTTP/1.1\r\nHost: a\r\n\r\n", 400, "bad_request: fragment in request-target"),
+        (b"GET ftp://a/ HTTP/1.1\r\nHost: a\r\n\r\n", 400, "bad_request: invalid request-target"),
         # versions llhttp lets through
         (b"GET /\r\n\r\n", 400, "bad_request: unsupported HTTP version"),
         (b"GET / HTTP/0.9\r\nHost: a\r\n\r\n", 400, "bad_request: unsupported HTTP version"),

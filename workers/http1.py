@@ -50,6 +50,8 @@ _OWS = b" \t"
 # RFC 9110 section 7.2 / RFC 3986 section 3.2.2: uri-host [ ":" port ]
 _HOST_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
 _NO_BODY_STATUS = frozenset((204, 304))
+# lengths of the request fields inspected here: host, expect, content-length, transfer-encoding
+_SPECIAL_LENS = frozenset((4, 6, 14, 17))
 
 
 class HttpError(Exception):
@@ -347,11 +349,11 @@ class RequestParser:
         n = len(name)
         size = self._hdr_bytes + n + len(value) + 4
         self._hdr_bytes = size
-        headers = self._headers
-        headers.append((name, value))
-        if size > self._max_hdr or len(headers) > self._max_headers:
-            self._fail(431, "header_too_large" if size > self._max_hdr else "too_many_headers")
-        if (n == 4 or n == 6 or n == 14 or n == 17) and self._state == _HEAD:
+        self._headers.append((name, value))
+        if size > self._max_hdr:
+            self._fail(431, "header_too_large")
+        # the field count is checked at headers-complete: the byte limit bounds it meanwhile
+        if n in _SPECIAL_LENS and self._state == _HEAD:
             lname = name.lower()
             if lname == b"host":
                 self._host = value
@@ -387,6 +389,8 @@ class RequestParser:
         target = self._url
         if not target:
             self._fail(400, "bad_request: empty request-target")
+        if len(self._headers) > self._max_headers:
+            self._fail(431, "too_many_headers")
         host = self._host
         if host is None or self._host_n != 1:
             if self._host_n > 1:
@@ -398,6 +402,8 @@ class RequestParser:
             self._fail(400, "invalid_host")
         if target[0] != 47:  # not origin-form
             host = self._check_target(target, host)
+        if b"#" in target:  # a fragment is never part of a request-target (RFC 9112 3.2)
+            self._fail(400, "bad_request: fragment in request-target")
         cl = self._cl
         chunked = self._chunked
         if chunked and cl is not None:  # also refused by llhttp (RFC 9112 section 6.3)
