@@ -11,6 +11,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -285,3 +286,69 @@ def test_check_reports_problems_with_file_and_line(tmp_path: Path) -> None:
     assert any(line.startswith(f"{config}:") and "missing.pem" in line for line in lines), \
         out.stderr
     assert any("backend_pool" in line and "nope" in line for line in lines), out.stderr
+
+
+def test_tls_session_issued_by_one_worker_resumes_on_another(tmp_path: Path, pki,
+                                                             backend_factory) -> None:
+    """Server contexts are built before fork, so every worker shares the ticket keys: a
+    session from a worker that has since been killed resumes on its replacement."""
+    app = backend_factory("app")
+    spec = simple_spec(tmp_path, cert=pki.issue(["127.0.0.1"]), backends={"app": app},
+                       workers=1)
+    with Gateway(tmp_path, spec) as gw:
+        for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+            ctx = ssl.create_default_context(cafile=str(pki.ca_pem_path))
+            ctx.maximum_version = version
+            first = https_connection("127.0.0.1", gw.port, sni="127.0.0.1", cafile=None,
+                                     context=ctx)
+            first.request("GET", "/")
+            first.getresponse().read()  # TLS 1.3 tickets arrive after the handshake
+            session = first.sock.session
+            first.close()
+            assert session is not None
+            (old_worker,) = gw.worker_pids()
+            os.kill(old_worker, signal.SIGKILL)
+            wait_for(lambda old=old_worker: old not in gw.worker_pids(), 10, "worker reaped")
+            gw.wait_workers(1)
+            raw = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+            resumed = ctx.wrap_socket(raw, server_hostname="127.0.0.1", session=session)
+            try:
+                assert resumed.session_reused, f"{version.name} session not resumed"
+            finally:
+                resumed.close()
+
+
+def test_int_stops_fast_even_with_a_request_in_flight(tmp_path: Path, pki,
+                                                      backend_factory) -> None:
+    app = backend_factory("app")
+    spec = simple_spec(tmp_path, cert=pki.issue(["127.0.0.1"]), backends={"app": app},
+                       server={"graceful_timeout": 30})
+    gw = Gateway(tmp_path, spec)
+    try:
+        conn = https_connection("127.0.0.1", gw.port, sni=None, cafile=None, timeout=30)
+        conn.request("GET", "/slow?delay=20")
+        wait_for(lambda: app.records(), 10, "the slow request to reach the backend")
+        started = time.monotonic()
+        gw.proc.signal(signal.SIGINT)
+        assert gw.proc.wait(timeout=10) == 0
+        assert time.monotonic() - started < 5  # not the 20 s of the request
+        assert gw.worker_pids() == []
+    finally:
+        if gw.proc.alive:
+            gw.proc.kill()
+
+
+def test_require_sni_refuses_unknown_names(tmp_path: Path, pki, backend_factory) -> None:
+    app = backend_factory("app")
+    spec = simple_spec(tmp_path, cert=pki.issue(["shop.example.test"]),
+                       backends={"app": app})
+    spec.listeners[0].update({"host_names": ["shop.example.test"], "require_sni": True})
+    with Gateway(tmp_path, spec) as gw:
+        status, _, _ = https_get("127.0.0.1", gw.port, "/", sni="shop.example.test",
+                                 cafile=pki.ca_pem_path)
+        assert status == 200
+        for sni in ("other.example.test", None):
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                https_get("127.0.0.1", gw.port, "/", sni=sni, cafile=None)
+        assert https_get("127.0.0.1", gw.port, "/", sni="shop.example.test",
+                         cafile=pki.ca_pem_path)[0] == 200
