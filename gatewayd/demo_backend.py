@@ -57,6 +57,7 @@ def main() -> int:
     context.load_cert_chain(args.cert, args.key)
     server.socket = context.wrap_socket(server.socket, server_side=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for gatewayd, which stops us
     print(f"READY {server.server_address[1]}", flush=True)
     server.serve_forever()
     return 0
