@@ -34,11 +34,17 @@ lint: $(TSTAMP)
 typecheck: $(TSTAMP)
 	$(VENV)/bin/mypy
 
-## Debian tools the live tests use as independent clients: curl, openssl s_client.
+## Debian tools the live tests use: curl and openssl s_client as independent clients, wrk as
+## the load generator of the reload tests, systemd-analyze to verify the unit files.
+DEBIAN_TEST_PACKAGES := curl openssl wrk systemd
 system-deps:
-	@command -v curl >/dev/null && command -v openssl >/dev/null || { \
-	  echo "installing curl and openssl (Debian packages)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl openssl; }
+	@missing=""; \
+	for tool in curl openssl wrk systemd-analyze; do command -v $$tool >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $(DEBIAN_TEST_PACKAGES)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    $(DEBIAN_TEST_PACKAGES) >/dev/null; \
+	fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -44,6 +44,9 @@ from .upstream import Upstream, UpstreamConnectError, UpstreamError, UpstreamPoo
 BODY_READ_TIMEOUT = 60.0  # s between two reads of a request body (nginx client_body_timeout)
 SEND_TIMEOUT = 60.0  # s a client may take to accept more of a response (nginx send_timeout)
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
+# A draining worker keeps idle keep-alive connections this long: a request already on its
+# way is answered (with Connection: close) instead of meeting a closed socket.
+DRAIN_IDLE_GRACE = 1.0
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
 
@@ -67,6 +70,11 @@ class Runtime:
     access_log: AccessLog
     draining: bool = False
     idle: set[Any] = field(default_factory=set)  # greenlets waiting for a next request
+
+
+class DrainWake(Exception):
+    """Thrown by a draining worker into connections idle between requests, so that they
+    shorten their keep-alive wait to DRAIN_IDLE_GRACE (see Worker.graceful_stop)."""
 
 
 class _Abort(Exception):
@@ -104,7 +112,7 @@ class Connection:
             if self.stream is None:
                 return
             first = True
-            while not self.rt.draining or first:
+            while True:
                 head = self._next_head(first)
                 if head is None or not self._exchange(head):
                     break
@@ -163,16 +171,20 @@ class Connection:
             if deadline is None and (first or self.parser.in_message()):
                 deadline = now + limits.client_header_timeout
             timeout = limits.keepalive_timeout if deadline is None else deadline - now
+            if self.rt.draining:
+                timeout = min(timeout, DRAIN_IDLE_GRACE)
             idle = self.rt.idle if deadline is None else None
             try:
                 if idle is not None:
-                    idle.add(getcurrent())  # a draining worker closes us right away
+                    idle.add(getcurrent())  # a draining worker wakes us: see DrainWake
                 if timeout <= 0 or not self._pump(timeout):
                     if self.parser.in_message():
                         self._reply_error(408, "request_header_timeout", close=True)
                     return None
+            except DrainWake:
+                continue  # wait again, now with the short draining grace
             except StreamTimeout:
-                if self.parser.in_message() or (first and deadline is not None):
+                if self.parser.in_message():
                     self._reply_error(408, "request_header_timeout", close=True)
                 return None
             except HttpError as exc:

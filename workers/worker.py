@@ -26,7 +26,7 @@ from gevent.hub import get_hub
 from gatewayd.tlsconf import SNIRejected
 
 from .accesslog import AccessLog
-from .proxy import BindContext, Connection, Runtime
+from .proxy import BindContext, Connection, DrainWake, Runtime
 from .spec import READY, BoundListener, WorkerSpec
 from .upstream import UpstreamPool
 
@@ -120,9 +120,16 @@ class Worker:
             greenlet.kill(block=False)
         for bound in self.spec.listeners:
             bound.sock.close()
+        loop = get_hub().loop
         for idle in list(self.runtime.idle):
-            idle.kill(block=False)  # idle keep-alive connections: close them now
+            loop.run_callback(self._wake_if_idle, idle)
         gevent.spawn(self._drain)
+
+    def _wake_if_idle(self, greenlet: gevent.Greenlet) -> None:
+        """Runs in the hub: a greenlet still in the idle set is blocked in its keep-alive
+        read (membership is only held around that wait), so the throw lands there."""
+        if greenlet in self.runtime.idle:
+            greenlet.throw(DrainWake)
 
     def _drain(self) -> None:
         timeout = self.spec.config.server.graceful_timeout
