@@ -17,6 +17,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import struct
 import sys
 import time
@@ -24,10 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from queue import Empty, SimpleQueue
 
-from gatewayd import systemd
+from gatewayd import metrics, systemd
+from gatewayd.admin import write_state
 from gatewayd.config import ConfigError, load_config
-from gatewayd.listeners import BindError, ListenerSet
-from gatewayd.model import GatewayConfig
+from gatewayd.listeners import BindError, ListenerSet, bind
+from gatewayd.model import Address, GatewayConfig
 from gatewayd.routing import Router
 from gatewayd.tlsconf import bind_tls
 from gatewayd.workers.spec import BoundListener, WorkerSpec
@@ -85,6 +87,12 @@ class Arbiter:
         self.pid = os.getpid()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._ready_r, self._ready_w = os.pipe2(os.O_NONBLOCK)
+        self.admin_pid = 0
+        self.admin_sock: socket.socket | None = None
+        self.admin_address: Address | None = None
+        self.next_admin_spawn = 0.0
+        self.state = "starting"
+        self._published: tuple[object, ...] = ()
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -107,14 +115,19 @@ class Arbiter:
     def _start(self) -> None:
         os.makedirs(self.config.server.runtime_dir, exist_ok=True)
         self._write_pidfile()
+        metrics.prepare_dir(self.config.server.runtime_dir, wipe=True)
+        self.metrics = metrics.setup()
         for name in SIGNALS:
             signal.signal(getattr(signal, f"SIG{name}"), self._queue_signal)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         try:
             generation = self._build_generation(self.config)
+            self._bind_admin(self.config)
         except BindError as exc:
             raise HaltServer(str(exc), EXIT_BOOT) from exc
         self._spawn_generation(generation, boot=True)
+        self._spawn_admin()
+        self.state = "serving"
         self._notify_ready()
 
     def _loop_once(self) -> None:
@@ -132,6 +145,8 @@ class Arbiter:
         self._murder_stalled()
         self._kill_overdue_retirees()
         self._maintain_workers()
+        self._maintain_admin()
+        self._publish_state()
 
     def _queue_signal(self, signum: int, _frame: object) -> None:
         self.signals.put(signal.Signals(signum).name[3:])
@@ -187,17 +202,31 @@ class Arbiter:
 
     def reload(self) -> None:
         systemd.notify("RELOADING=1", systemd.monotonic_usec(), "STATUS=reloading")
+        self.state = "reloading"
+        self._publish_state()
+        try:
+            self._reload()
+        finally:
+            self.state = "serving"
+            self._publish_state()
+
+    def _reload_failed(self, why: str) -> None:
+        self.metrics.config_reloads.labels("failure").inc()
+        systemd.notify("READY=1", f"STATUS=reload failed: {why}")
+
+    def _reload(self) -> None:
         try:
             config = self.loader(self.config_path, self.overrides)
         except ConfigError as exc:
             log.error("reload refused, keeping the running config:\n%s", exc)
-            systemd.notify("READY=1", f"STATUS=reload failed: {str(exc).splitlines()[0]}")
+            self._reload_failed(str(exc).splitlines()[0])
             return
         try:
             generation = self._build_generation(config)
+            self._bind_admin(config)
         except (BindError, OSError, ValueError) as exc:
             log.error("reload refused, keeping the running config: %s", exc)
-            systemd.notify("READY=1", f"STATUS=reload failed: {exc}")
+            self._reload_failed(str(exc))
             return
         old = list(self.generations[:-1]) if self.generations else []
         previous = self.generations[-1]
@@ -206,7 +235,7 @@ class Arbiter:
         if not self._spawn_generation(generation, boot=False):
             self.generations.remove(generation)
             log.error("reload failed: new workers did not boot; old workers keep serving")
-            systemd.notify("READY=1", "STATUS=reload failed: workers did not boot")
+            self._reload_failed("workers did not boot")
             return
         self.config = config
         for gen in [*old, previous]:
@@ -215,6 +244,7 @@ class Arbiter:
             gen.workers.clear()
             self.generations.remove(gen)
         self.listeners.close_unused(config.binds())
+        self.metrics.config_reloads.labels("success").inc()
         log.info("reloaded: generation %d serving", generation.number)
         self._notify_ready()
 
@@ -230,6 +260,7 @@ class Arbiter:
         )
         number = self.generations[-1].number + 1 if self.generations else 1
         generation = Generation(number, config, bound, router)
+        self._publish_config_gauges(config)
         self.generations.append(generation)
         return generation
 
@@ -271,11 +302,7 @@ class Arbiter:
             return
         status = EXIT_RUNTIME
         try:  # the child never returns into the master's code
-            signal.set_wakeup_fd(-1)
-            for name in SIGNALS:
-                signal.signal(getattr(signal, f"SIG{name}"), signal.SIG_DFL)
-            os.close(self._wake_r)
-            os.close(self._ready_r)
+            self._become_child(keep=generation.config.binds())
             from gatewayd.workers.worker import run_worker
 
             status = run_worker(spec)
@@ -285,6 +312,21 @@ class Arbiter:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(status)
+
+    def _become_child(self, keep: list[Address], admin: bool = False) -> None:
+        """In a freshly forked child: drop the master's signal plumbing and every listen
+        socket the child does not serve (a removed bind must stop accepting as soon as
+        the old workers let go of it, not when the last unrelated child exits)."""
+        signal.set_wakeup_fd(-1)
+        for name in SIGNALS:
+            signal.signal(getattr(signal, f"SIG{name}"), signal.SIG_DFL)
+        os.close(self._wake_r)
+        os.close(self._ready_r)
+        for address, sock in self.listeners.sockets.items():
+            if address not in keep:
+                sock.close()
+        if self.admin_sock is not None and not admin:
+            self.admin_sock.close()
 
     def _retire(self, info: WorkerInfo) -> None:
         """Ask a worker to drain; SIGKILL it if still alive after graceful_timeout."""
@@ -314,6 +356,11 @@ class Arbiter:
             if not pid:
                 return dead
             code = os.waitstatus_to_exitcode(status)
+            metrics.mark_dead(pid)
+            if pid == self.admin_pid:
+                log.warning("admin process %d exited (%s)", pid, _describe(code))
+                self.admin_pid = 0
+                continue
             if pid in self.retiring:
                 _unlink(self.retiring.pop(pid)[0].heartbeat)
                 continue
@@ -379,12 +426,83 @@ class Arbiter:
         systemd.notify("READY=1", f"STATUS=serving: {len(current.workers)} workers, "
                                   f"generation {current.number}")
 
+    # -- admin process, state and gauges ------------------------------------------------
+
+    def _bind_admin(self, config: GatewayConfig) -> None:
+        """(Re)bind admin_bind when it changed; the admin process restarts on it."""
+        from gatewayd.config import parse_address
+
+        address = parse_address(config.server.admin_bind) if config.server.admin_bind else None
+        if address == self.admin_address:
+            return
+        sock = bind(address) if address else None
+        if self.admin_sock is not None:
+            self.admin_sock.close()
+        self.admin_sock, self.admin_address = sock, address
+        if self.admin_pid:
+            self._kill(self.admin_pid, signal.SIGTERM)
+
+    def _spawn_admin(self) -> None:
+        if self.admin_sock is None:
+            return
+        self.next_admin_spawn = time.monotonic() + 1.0  # at most one restart a second
+        sock, runtime_dir = self.admin_sock, self.config.server.runtime_dir
+        pid = os.fork()
+        if pid:
+            self.admin_pid = pid
+            return
+        status = EXIT_RUNTIME
+        try:
+            self._become_child(keep=[], admin=True)
+            from gatewayd.admin import run_admin
+
+            status = run_admin(sock, runtime_dir, self.pid)
+        except SystemExit as exc:
+            status = exc.code if isinstance(exc.code, int) else 0
+        except BaseException:
+            log.exception("admin process failed")
+        finally:
+            os._exit(status)
+
+    def _maintain_admin(self) -> None:
+        if not self.admin_pid and self.admin_sock and time.monotonic() >= self.next_admin_spawn:
+            self._spawn_admin()
+
+    def _publish_state(self) -> None:
+        current = self.generations[-1] if self.generations else None
+        ready = sum(w.ready for w in current.workers.values()) if current else 0
+        pids = sorted(pid for gen in self.generations for pid in gen.workers)
+        state = (self.state, ready, current.number if current else 0, pids, self.admin_pid)
+        if state == self._published:
+            return
+        self._published = state
+        write_state(self.config.server.runtime_dir, state=self.state, ready_workers=ready,
+                    generation=state[2], master_pid=self.pid, worker_pids=pids,
+                    retiring_pids=sorted(self.retiring), admin_pid=self.admin_pid)
+        self.metrics.workers.set(ready)
+
+    def _publish_config_gauges(self, config: GatewayConfig) -> None:
+        """Certificate expiry of listeners; pools as healthy (no probes yet)."""
+        for listener in config.listeners:
+            if listener.certificate is not None:
+                self.metrics.certificate_not_after.labels("listener", listener.name).set(
+                    listener.certificate.not_after)
+        for pool in config.backend_pools.values():
+            for server in pool.servers:
+                self.metrics.backend_healthy.labels(pool.name, server).set(1)
+            self.metrics.healthy_hosts.labels(pool.name).set(len(pool.servers))
+            self.metrics.unhealthy_hosts.labels(pool.name).set(0)
+
     # -- stop -------------------------------------------------------------------------
 
     def _stop(self, graceful: bool) -> None:
         sig = signal.SIGTERM if graceful else signal.SIGQUIT
+        self.state = "stopping"
+        self._publish_state()
         workers = [pid for gen in self.generations for pid in gen.workers] + list(
             self.retiring)
+        if self.admin_pid:
+            workers.append(self.admin_pid)
         self.listeners.close_all()
         for pid in workers:
             self._kill(pid, sig)

@@ -31,6 +31,7 @@ from .http1 import (
     ResponseHead,
     ResponseParser,
 )
+from .stats import Stats
 from .tlsio import (
     PlainStream,
     Stream,
@@ -68,6 +69,7 @@ class Runtime:
     router: Router
     upstreams: UpstreamPool
     access_log: AccessLog
+    stats: Stats
     draining: bool = False
     idle: set[Any] = field(default_factory=set)  # greenlets waiting for a next request
 
@@ -103,14 +105,25 @@ class Connection:
         self.scheme = b"https" if bind.tls else b"http"
         self.tls_protocol = ""
         self.tls_cipher = ""
+        default = bind.router.certificate_listener(None) or bind.router.listeners[0]
+        self.listener_label = default.name  # metrics: the SNI-selected listener, if any
+        self._rx_key = self._tx_key = ("received_bytes", (self.listener_label,))
 
     # -- connection lifecycle -------------------------------------------------------
 
     def serve(self) -> None:
+        stats = self.rt.stats
+        counted = False
         try:
             self.stream = self._open_stream()
             if self.stream is None:
                 return
+            label = self.listener_label
+            self._rx_key = ("received_bytes", (label,))
+            self._tx_key = ("sent_bytes", (label,))
+            stats.connections += 1
+            stats.client_connections[label] += 1
+            counted = True
             first = True
             while True:
                 head = self._next_head(first)
@@ -120,6 +133,9 @@ class Connection:
         except (_Abort, StreamClosed, StreamTimeout, OSError):
             pass
         finally:
+            if counted:
+                stats.connections -= 1
+                stats.client_connections[self.listener_label] -= 1
             if self.stream is not None:
                 self.stream.close()
             else:
@@ -132,14 +148,29 @@ class Connection:
         stream = TLSStream.server(self.sock, tls.accept_context)
         try:
             stream.handshake(self.rt.server.tls_handshake_timeout)
-        except (TLSHandshakeFailed, StreamTimeout, StreamClosed, OSError):
-            stream.close()
+        except TLSHandshakeFailed as exc:
+            self._handshake_failed(stream, handshake_error_reason(exc.reason))
+            return None
+        except StreamTimeout:
+            self._handshake_failed(stream, "timeout")
+            return None
+        except (StreamClosed, OSError):
+            self._handshake_failed(stream, "reset")
             return None
         raw = stream.conn.get_servername()
         self.sni = raw.decode("ascii", "replace") if raw else None
+        if self.sni:
+            chosen = self.bind.router.listener_for_sni(self.sni)
+            if chosen is not None:
+                self.listener_label = chosen.name
         self.tls_protocol = stream.conn.get_protocol_version_name()
         self.tls_cipher = stream.conn.get_cipher_name() or ""
+        self.rt.stats.count("tls_handshakes", (self.listener_label, self.tls_protocol))
         return stream
+
+    def _handshake_failed(self, stream: TLSStream, reason: str) -> None:
+        self.rt.stats.count("tls_handshake_errors", (self.listener_label, reason))
+        stream.close()
 
     def _recv_client(self, timeout: float) -> bytes:
         assert self.stream is not None
@@ -151,6 +182,7 @@ class Connection:
         data = self._recv_client(timeout)
         if not data:
             return False
+        self.rt.stats.counters[self._rx_key] += len(data)
         self.events.extend(self.parser.feed(data))
         return True
 
@@ -199,12 +231,15 @@ class Connection:
     def _exchange(self, head: RequestHead) -> bool:
         """Proxy one request; return True if the connection may serve another."""
         record = _Record(self, head)
+        stats = self.rt.stats
+        stats.in_flight += 1
         try:
             return self._proxy(head, record)
         except _Abort:
             return False
         finally:
-            record.finish(self.rt.access_log)
+            stats.in_flight -= 1
+            record.finish(self.rt.access_log, stats)
 
     def _proxy(self, head: RequestHead, record: _Record) -> bool:
         try:
@@ -241,16 +276,25 @@ class Connection:
             record.backend = server.label
             try:
                 up = ups.acquire(route.backend_pool, route.backend_settings, server, client_host)
-                record.backend_connect_time = 0.0 if up.reused else up.connect_time
+                if up.reused:
+                    record.backend_connect_time = 0.0
+                else:
+                    record.backend_connect_time = up.connect_time
+                    self.rt.stats.observe("backend_connect", (route.backend_pool, server.label),
+                                          up.connect_time)
+                    if up.not_after:
+                        self.rt.stats.backend_not_after[server.label] = up.not_after
                 return up
             except UpstreamConnectError as exc:
                 record.error_info = f"{exc.reason}: {exc.detail}"
+                self._backend_failed(record, exc.reason)
                 if attempt == 2 or len(ups.servers(route.backend_pool,
                                                    route.backend_settings)) < 2:
                     break
                 server = ups.pick(route.backend_pool, route.backend_settings, exclude=server)
             except UpstreamError as exc:
                 record.error_info = f"{exc.reason}: {exc.detail}"
+                self._backend_failed(record, exc.reason)
                 break
         status = 504 if record.error_info.startswith("connect_timeout") else 502
         self._refuse(head, record, status, record.error_info)
@@ -298,15 +342,23 @@ class Connection:
                 if fresh is None:
                     return False
                 return self._relay(head, route, fresh, request, record)
+            self._backend_failed(record, exc.reason)
             return self._refuse(head, record, 502, exc.reason, body_pending=False)
         except StreamTimeout:
             up.stream.close()
+            self._backend_failed(record, "response_timeout")
             return self._refuse(head, record, 504, "response_timeout", body_pending=False)
         except HttpError as exc:
             up.stream.close()
+            self._backend_failed(record, "invalid_response")
             return self._refuse(head, record, 502, exc.error_info, body_pending=False)
-        record.backend_first_byte_time = time.monotonic() - sent_at
+        first_byte = time.monotonic() - sent_at
+        record.backend_first_byte_time = first_byte
         record.backend_status = resp.status
+        stats = self.rt.stats
+        backend = (route.backend_pool, up.server.label)
+        stats.observe("backend_first_byte", backend, first_byte)
+        stats.count("backend_responses", (*backend, CODE_CLASS[resp.status // 100]))
         keep = head.keep_alive and not self.parser.upgraded and not self.rt.draining
         return self._send_response(head, resp, pending, parser, up, record, keep)
 
@@ -436,6 +488,7 @@ class Connection:
         except (HttpError, StreamClosed, StreamTimeout) as exc:
             up.stream.close()
             record.error_info = f"upstream_truncated: {exc}"
+            self._backend_failed(record, "reset")
             record.bytes_sent = sent
             raise _Abort() from None  # the client sees the connection close mid-body
         record.bytes_sent = sent
@@ -472,18 +525,51 @@ class Connection:
                                                close=close))
         except (StreamClosed, StreamTimeout, OSError):
             pass
-        record.finish(self.rt.access_log)
+        record.finish(self.rt.access_log, self.rt.stats)
 
     def _send_client(self, data: bytes) -> None:
         assert self.stream is not None
         self.stream.timeout = SEND_TIMEOUT
         self.stream.sendall(data)
+        self.rt.stats.counters[self._tx_key] += len(data)
+
+    def _backend_failed(self, record: _Record, reason: str) -> None:
+        self.rt.stats.count("backend_failures", (record.backend_pool, record.backend, reason))
 
 
 class _UpstreamGone(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+CODE_CLASS = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx", "6xx", "7xx", "8xx", "9xx")
+
+
+def handshake_error_reason(openssl_reason: str) -> str:
+    """A short, bounded label from OpenSSL's reason string ("wrong version number" →
+    "wrong_version_number"); plain HTTP on a TLS port reads "http_request"."""
+    text = openssl_reason.lower()
+    for needle, label in _HANDSHAKE_REASONS:
+        if needle in text:
+            return label
+    return "other"
+
+
+_HANDSHAKE_REASONS = (
+    ("http request", "http_request"),
+    ("unsupported protocol", "unsupported_protocol"),
+    ("wrong version", "wrong_version_number"),
+    ("version too low", "unsupported_protocol"),
+    ("no shared cipher", "no_shared_cipher"),
+    ("no suitable signature", "no_shared_cipher"),
+    ("servername", "sni_rejected"),
+    ("callback", "sni_rejected"),
+    ("unexpected eof", "unexpected_eof"),
+    ("alert", "client_alert"),
+    ("record", "bad_record"),
+    ("packet length", "bad_record"),
+)
 
 
 def _no_body(head: RequestHead) -> bool:
@@ -551,7 +637,7 @@ class _Record:
         self.backend_pool = route.backend_pool
         self.backend_settings = route.backend_settings
 
-    def finish(self, log: AccessLog) -> None:
+    def finish(self, log: AccessLog, stats: Stats) -> None:
         head, conn = self.head, self.conn
         user_agent = ""
         if head is not None:
@@ -560,6 +646,8 @@ class _Record:
                     user_agent = value.decode("latin-1")
                     break
         now = time.time()
+        stats.request_done(self.listener or conn.listener_label, self.rule, self.backend_pool,
+                           self.status, now - self.started)
         log.write({
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.started))
             + f".{int(self.started % 1 * 1000):03d}Z",

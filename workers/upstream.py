@@ -89,6 +89,7 @@ class Upstream:
     idle_since: float = 0.0
     requests: int = 0
     reused: bool = False
+    not_after: float = 0.0  # the backend leaf's notAfter (0 for plain http)
 
 
 @dataclass(slots=True)
@@ -210,7 +211,10 @@ class UpstreamPool:
             stream.close()  # after the handshake, before any request byte
             raise UpstreamTLSError(exc.reason, exc.detail, server.label) from exc
         stream.timeout = settings.request_timeout
-        return Upstream(stream, server, key, time.monotonic() - started)
+        up = Upstream(stream, server, key, time.monotonic() - started)
+        if leaf is not None:
+            up.not_after = leaf.not_valid_after_utc.timestamp()
+        return up
 
     @staticmethod
     def _open(server: Server, timeout: float) -> socket.socket:

@@ -28,10 +28,12 @@ from gatewayd.tlsconf import SNIRejected
 from .accesslog import AccessLog
 from .proxy import BindContext, Connection, DrainWake, Runtime
 from .spec import READY, BoundListener, WorkerSpec
+from .stats import Stats
 from .upstream import UpstreamPool
 
 log = logging.getLogger("gatewayd.worker")
 HEARTBEAT_INTERVAL = 1.0
+METRICS_FLUSH_INTERVAL = 1.0
 
 
 def run_worker(spec: WorkerSpec) -> int:
@@ -54,6 +56,7 @@ class Worker:
             router=spec.router,
             upstreams=UpstreamPool(spec.config.backend_pools, spec.config.backend_settings),
             access_log=AccessLog(server.access_log, server.access_log_format),
+            stats=Stats(),
         )
         self.pool = gevent.pool.Pool(server.worker_connections)
         self.accepting: list[gevent.Greenlet] = []
@@ -72,6 +75,7 @@ class Worker:
         for bound in self.spec.listeners:
             self.accepting.append(gevent.spawn(self._accept_loop, bound))
         heartbeat = gevent.spawn(self._heartbeat)
+        gevent.spawn(self._flush_metrics)
         os.write(self.spec.ready_fd, READY + struct.pack("!I", os.getpid()))
         gevent.joinall(self.accepting)
         heartbeat.kill()
@@ -110,6 +114,17 @@ class Worker:
             os.utime(path)
             gevent.sleep(HEARTBEAT_INTERVAL)
 
+    def _flush_metrics(self) -> None:
+        while True:
+            gevent.sleep(METRICS_FLUSH_INTERVAL)
+            self._flush_quietly()
+
+    def _flush_quietly(self) -> None:
+        try:
+            self.runtime.stats.flush()
+        except Exception:  # metrics must never take the data path down
+            log.exception("metrics flush failed")
+
     def graceful_stop(self) -> None:
         """Stop accepting; let open connections finish (up to graceful_timeout)."""
         if self.stopping:
@@ -139,6 +154,7 @@ class Worker:
                         len(self.pool))
             self.pool.kill(block=True, timeout=1)
         self.runtime.upstreams.close_idle()
+        self._flush_quietly()
         os._exit(0)
 
 

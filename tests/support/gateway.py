@@ -133,13 +133,29 @@ class Gateway:
         wait_for(lambda: len(self.heartbeats()) == count and len(self.worker_pids()) == count,
                  timeout, f"{count} ready workers")
 
-    def worker_pids(self) -> list[int]:
-        """Live children of the master (the workers)."""
+    def children(self) -> list[int]:
+        """Live children of the master: workers and the admin process."""
         path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
         try:
             return [int(p) for p in path.read_text().split()]
         except OSError:
             return []
+
+    def state(self) -> dict[str, Any]:
+        """The master's state file (what /healthz and /readyz read)."""
+        try:
+            state: dict[str, Any] = json.loads((self.tmp / "run" / "state.json").read_text())
+            return state
+        except (OSError, ValueError):
+            return {}
+
+    def admin_pid(self) -> int:
+        return int(self.state().get("admin_pid", 0))
+
+    def worker_pids(self) -> list[int]:
+        """Live children of the master except the admin process."""
+        admin = self.admin_pid()
+        return [pid for pid in self.children() if pid != admin]
 
     def log_records(self) -> list[dict[str, Any]]:
         if not self.access_log.exists():

@@ -1,0 +1,88 @@
+"""Per-worker metric counting in plain dicts, flushed to prometheus_client once a second.
+
+The request path only does dict arithmetic here (~0.2 µs an update); `flush()` moves the
+deltas into the multiprocess files (see gatewayd/metrics.py for why).  Gauges are kept as
+current values and written when they changed.  A worker killed with SIGKILL loses at most
+the last second of counts; counters never go backwards.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from gatewayd import metrics as m
+
+_NBUCKETS = len(m.LATENCY_BUCKETS) + 1
+
+
+class _Histogram:
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * _NBUCKETS
+        self.total = 0.0
+
+
+class Stats:
+    """What one worker has counted since the last flush."""
+
+    def __init__(self) -> None:
+        self.metrics = m.setup()
+        self.counters: defaultdict[tuple[str, tuple[str, ...]], float] = defaultdict(float)
+        self.histograms: dict[tuple[str, tuple[str, ...]], _Histogram] = {}
+        self.client_connections: defaultdict[str, int] = defaultdict(int)
+        self.connections = 0
+        self.in_flight = 0
+        self._written_gauges: dict[Any, float] = {}
+        self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
+        self.backend_not_after: dict[str, float] = {}
+
+    # -- recording (hot path) ---------------------------------------------------------
+
+    def count(self, metric: str, labels: tuple[str, ...], amount: float = 1.0) -> None:
+        self.counters[(metric, labels)] += amount
+
+    def observe(self, metric: str, labels: tuple[str, ...], seconds: float) -> None:
+        key = (metric, labels)
+        hist = self.histograms.get(key)
+        if hist is None:
+            hist = self.histograms[key] = _Histogram()
+        hist.counts[m.bucket_index(seconds)] += 1
+        hist.total += seconds
+
+    def request_done(self, listener: str, rule: str, pool: str, status: int,
+                     duration: float) -> None:
+        self.counters[("requests", (listener, rule, pool, str(status)))] += 1
+        self.observe("request_duration", (listener,), duration)
+
+    # -- flushing (once a second, from a greenlet) ------------------------------------
+
+    def _child(self, metric: str, labels: tuple[str, ...]) -> Any:
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            parent = getattr(self.metrics, metric)
+            child = parent.labels(*labels) if labels else parent
+            self._children[key] = child
+        return child
+
+    def flush(self) -> None:
+        counters, self.counters = self.counters, defaultdict(float)
+        for (metric, labels), amount in counters.items():
+            self._child(metric, labels).inc(amount)
+        histograms, self.histograms = self.histograms, {}
+        for (metric, labels), hist in histograms.items():
+            m.apply_histogram(self._child(metric, labels), hist.counts, hist.total)
+        gauges: list[tuple[Any, float]] = [
+            (self._child("client_connections", (name,)), float(value))
+            for name, value in self.client_connections.items()
+        ]
+        gauges.append((self.metrics.worker_connections, float(self.connections)))
+        gauges.append((self.metrics.worker_in_flight, float(self.in_flight)))
+        gauges += [(self._child("certificate_not_after", ("backend", name)), value)
+                   for name, value in self.backend_not_after.items()]
+        for child, value in gauges:
+            if self._written_gauges.get(id(child)) != value:
+                child.set(value)
+                self._written_gauges[id(child)] = value
