@@ -43,8 +43,6 @@ class Metrics:
     tls_handshake_errors: Any
     received_bytes: Any
     sent_bytes: Any
-    worker_connections: Any
-    worker_in_flight: Any
     workers: Any
     config_reloads: Any
     certificate_not_after: Any
@@ -107,12 +105,6 @@ def setup() -> Metrics:
                                "Bytes received from clients (after TLS).", ["listener"]),
         sent_bytes=Counter("gatewayd_sent_bytes_total", "Bytes sent to clients (before TLS).",
                            ["listener"]),
-        worker_connections=Gauge("gatewayd_worker_connections",
-                                 "Open client connections of one worker.", [],
-                                 multiprocess_mode="liveall"),
-        worker_in_flight=Gauge("gatewayd_worker_requests_in_flight",
-                               "Requests being proxied by one worker.", [],
-                               multiprocess_mode="liveall"),
         workers=Gauge("gatewayd_workers", "Ready workers of the serving generation.",
                       multiprocess_mode="livemax"),
         config_reloads=Counter("gatewayd_config_reloads_total", "Config reloads (SIGHUP).",
@@ -123,6 +115,27 @@ def setup() -> Metrics:
                                     ["kind", "name"], multiprocess_mode="max"),
     )
     return _metrics
+
+
+_worker_gauges: tuple[Any, Any] | None = None
+
+
+def worker_gauges() -> tuple[Any, Any]:
+    """`gatewayd_worker_connections` and `gatewayd_worker_requests_in_flight`, created
+    only in workers: without labels a gauge writes its series when defined, and the
+    multiprocess "liveall" mode labels it with the writing pid, so defining them in the
+    master would export a series for the master too."""
+    global _worker_gauges
+    if _worker_gauges is None:
+        from prometheus_client import Gauge
+
+        _worker_gauges = (
+            Gauge("gatewayd_worker_connections", "Open client connections of one worker.",
+                  multiprocess_mode="liveall"),
+            Gauge("gatewayd_worker_requests_in_flight", "Requests being proxied by one worker.",
+                  multiprocess_mode="liveall"),
+        )
+    return _worker_gauges
 
 
 def apply_histogram(child: Any, counts: list[int], total: float) -> None:

@@ -64,7 +64,8 @@ def test_one_gib_download_streams_with_flat_worker_memory(tmp_path: Path, pki,
 def test_demo_prints_curl_commands_that_work(tmp_path: Path) -> None:
     port = free_port()
     demo = Proc([sys.executable, "-m", "gatewayd.cli", "--demo", "--demo-port", str(port),
-                 "--runtime-dir", str(tmp_path / "run")],
+                 "--runtime-dir", str(tmp_path / "run"),
+                 "--admin-bind", f"127.0.0.1:{free_port()}"],
                 cwd=REPO_ROOT, log_dir=tmp_path, name="demo")
     try:
         demo.wait_for_output(r"gatewayd --pin", timeout=30, stream="stdout")

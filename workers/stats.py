@@ -29,6 +29,7 @@ class Stats:
 
     def __init__(self) -> None:
         self.metrics = m.setup()
+        self.worker_connections, self.worker_in_flight = m.worker_gauges()
         self.counters: defaultdict[tuple[str, tuple[str, ...]], float] = defaultdict(float)
         self.histograms: dict[tuple[str, tuple[str, ...]], _Histogram] = {}
         self.client_connections: defaultdict[str, int] = defaultdict(int)
@@ -78,8 +79,8 @@ class Stats:
             (self._child("client_connections", (name,)), float(value))
             for name, value in self.client_connections.items()
         ]
-        gauges.append((self.metrics.worker_connections, float(self.connections)))
-        gauges.append((self.metrics.worker_in_flight, float(self.in_flight)))
+        gauges.append((self.worker_connections, float(self.connections)))
+        gauges.append((self.worker_in_flight, float(self.in_flight)))
         gauges += [(self._child("certificate_not_after", ("backend", name)), value)
                    for name, value in self.backend_not_after.items()]
         for child, value in gauges:

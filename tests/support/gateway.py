@@ -47,6 +47,8 @@ class GatewaySpec:
     extra: str = ""
 
     def render(self) -> str:
+        """The TOML text; an admin_bind on a free port is added unless one is given."""
+        self.server.setdefault("admin_bind", f"127.0.0.1:{free_port()}")
         lines = _table("[server]", self.server)
         for listener in self.listeners:
             lines += _table("[[listener]]", listener)
@@ -148,6 +150,11 @@ class Gateway:
             return state
         except (OSError, ValueError):
             return {}
+
+    @property
+    def admin_url(self) -> str:
+        assert isinstance(self.spec, GatewaySpec)
+        return f"http://{self.spec.server['admin_bind']}"
 
     def admin_pid(self) -> int:
         return int(self.state().get("admin_pid", 0))
