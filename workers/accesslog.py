@@ -1,16 +1,25 @@
 """One access-log record per request, as a JSON object or in Apache "combined" format.
 
-Records are built by the proxy as plain dicts (field names as in the docs) and written as
-whole lines with one `write` each, so lines from the workers sharing a file or pipe never
-interleave (O_APPEND files and pipes keep writes up to PIPE_BUF atomic).
+Lines are queued in memory and written in batches by one flusher greenlet every 100 ms,
+the `write` itself running in gevent's thread pool: a slow disk or a stdout pipe nobody
+reads stalls the flusher, never the event loop.  A batch is cut at line boundaries into
+writes of at most PIPE_BUF bytes when the target is a pipe, so lines from the workers
+sharing it never interleave; files are opened with O_APPEND, where each write lands whole.
+A worker killed with SIGKILL loses at most the last 100 ms of lines; a draining worker
+flushes before it exits.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
+import stat
 import time
 from typing import Any
+
+import gevent
+from gevent.hub import get_hub
 
 FIELDS = (
     "time", "request_id", "client_ip", "client_port", "listener", "rule", "path_rule",
@@ -19,6 +28,8 @@ FIELDS = (
     "backend_connect_time", "backend_first_byte_time", "tls_protocol", "tls_cipher", "sni",
     "user_agent", "error_info",
 )
+FLUSH_INTERVAL = 0.1
+MAX_PENDING = 1 << 20  # bytes queued before new lines are dropped (and counted)
 
 
 class AccessLog:
@@ -28,26 +39,69 @@ class AccessLog:
         self._target = target
         self._format = fmt
         self._fd = -1
+        self._is_pipe = False
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self.dropped = 0
+        self._flusher: gevent.Greenlet | None = None
         self.reopen()
 
     def reopen(self) -> None:
+        """Open the target again (after logrotate renamed it); queued lines go to the new
+        file."""
         old = self._fd
         if self._target == "-":
             self._fd = os.dup(1)
         else:
             self._fd = os.open(self._target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self._is_pipe = stat.S_ISFIFO(os.fstat(self._fd).st_mode)
         if old >= 0:
             os.close(old)
+
+    def start(self) -> None:
+        if self._flusher is None:
+            self._flusher = gevent.spawn(self._flush_forever)
 
     def write(self, record: dict[str, Any], started: float) -> None:
         if self._format == "json":
             line = self._json(record)
         else:
             line = self._combined(record, started)
+        data = line.encode("utf-8", "replace")
+        if self._pending_bytes > MAX_PENDING:
+            self.dropped += 1
+            return
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+
+    def _flush_forever(self) -> None:
+        while True:
+            gevent.sleep(FLUSH_INTERVAL)
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is queued (from a greenlet; the write runs in the thread pool)."""
+        if not self._pending:
+            return
+        lines, self._pending, self._pending_bytes = self._pending, [], 0
         try:
-            os.write(self._fd, line.encode("utf-8", "replace"))
+            get_hub().threadpool.apply(self._write_lines, (self._fd, lines, self._is_pipe))
         except OSError:
-            pass  # a full disk or closed pipe must not break request handling
+            pass  # a full disk or a closed pipe must not break request handling
+
+    @staticmethod
+    def _write_lines(fd: int, lines: list[bytes], is_pipe: bool) -> None:
+        limit = select.PIPE_BUF if is_pipe else 1 << 20
+        batch: list[bytes] = []
+        size = 0
+        for line in lines:
+            if batch and size + len(line) > limit:
+                _write_all(fd, b"".join(batch))
+                batch, size = [], 0
+            batch.append(line)
+            size += len(line)
+        if batch:
+            _write_all(fd, b"".join(batch))
 
     @staticmethod
     def _json(record: dict[str, Any]) -> str:
@@ -67,3 +121,9 @@ class AccessLog:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

@@ -68,12 +68,13 @@ class Worker:
         for signum in (signal.SIGINT, signal.SIGQUIT):
             signal.signal(signum, signal.SIG_DFL)  # fast stop: the default action
         gevent.signal_handler(signal.SIGTERM, self.graceful_stop)
-        gevent.signal_handler(signal.SIGUSR1, self.runtime.access_log.reopen)
+        gevent.signal_handler(signal.SIGUSR1, self._reopen_logs)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads are the master's job
         signal.signal(signal.SIGTTIN, signal.SIG_IGN)
         signal.signal(signal.SIGTTOU, signal.SIG_IGN)
         for bound in self.spec.listeners:
             self.accepting.append(gevent.spawn(self._accept_loop, bound))
+        self.runtime.access_log.start()
         heartbeat = gevent.spawn(self._heartbeat)
         gevent.spawn(self._flush_metrics)
         os.write(self.spec.ready_fd, READY + struct.pack("!I", os.getpid()))
@@ -113,6 +114,11 @@ class Worker:
                 os._exit(0)
             os.utime(path)
             gevent.sleep(HEARTBEAT_INTERVAL)
+
+    def _reopen_logs(self) -> None:
+        log = self.runtime.access_log
+        log.flush()  # lines of requests served before the rename belong to the old file
+        log.reopen()
 
     def _flush_metrics(self) -> None:
         while True:
@@ -155,6 +161,7 @@ class Worker:
             self.pool.kill(block=True, timeout=1)
         self.runtime.upstreams.close_idle()
         self._flush_quietly()
+        self.runtime.access_log.flush()
         os._exit(0)
 
 

@@ -1,0 +1,58 @@
+"""The access log as operators parse it: every documented field, both formats."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from gatewayd.workers.accesslog import FIELDS
+
+from tests.support.gateway import Gateway, simple_spec
+from tests.support.procs import https_get, wait_for
+
+
+def test_json_record_has_every_field_with_the_right_values(tmp_path: Path, pki,
+                                                           backend_factory) -> None:
+    app = backend_factory("app")
+    spec = simple_spec(tmp_path, cert=pki.issue(["127.0.0.1"]), backends={"app": app})
+    with Gateway(tmp_path, spec) as gw:
+        status, _, _ = https_get("127.0.0.1", gw.port, "/a/./b/../c?q=1",
+                                       sni="127.0.0.1", cafile=pki.ca_pem_path,
+                                       headers={"User-Agent": "probe/1.0"})
+        assert status == 200
+        record = gw.wait_log(lambda r: r["uri"] == "/a/c?q=1")
+        assert list(record) == list(FIELDS)
+        assert record["status"] == record["backend_status"] == 200
+        assert record["client_ip"] == "127.0.0.1" and record["client_port"] > 0
+        assert (record["listener"], record["rule"], record["path_rule"]) == ("front", "main", "")
+        assert (record["backend_pool"], record["backend_settings"]) == ("app", "app-tls")
+        assert record["backend"] == f"127.0.0.1:{app.port}"
+        assert record["method"] == "GET" and record["http_version"] == "1.1"
+        assert record["host"] == f"127.0.0.1:{gw.port}"
+        assert record["sni"] == ""  # clients never send an IP literal as SNI
+        assert record["tls_protocol"] == "TLSv1.3" and record["tls_cipher"].startswith("TLS_")
+        assert record["user_agent"] == "probe/1.0"
+        assert re.fullmatch(r"[0-9a-f]{32}", record["request_id"])
+        assert record["bytes_sent"] > 0 and record["bytes_received"] == 0
+        assert 0 < record["backend_first_byte_time"] <= record["duration"]
+        assert record["backend_connect_time"] > 0
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", record["time"])
+        assert record["error_info"] == ""
+        # The request id in the log is the one the backend received.
+        seen = [r for r in app.records() if r["target"] == "/a/c?q=1"]
+        ids = [v for k, v in seen[0]["headers"] if k.lower() == "x-request-id"]
+        assert ids == [record["request_id"]]
+
+
+def test_combined_format(tmp_path: Path, pki, backend_factory) -> None:
+    app = backend_factory("app")
+    spec = simple_spec(tmp_path, cert=pki.issue(["127.0.0.1"]), backends={"app": app},
+                       server={"access_log_format": "combined"})
+    with Gateway(tmp_path, spec) as gw:
+        assert https_get("127.0.0.1", gw.port, "/x", sni=None, cafile=None,
+                         headers={"User-Agent": "probe/2"})[0] == 200
+        line = wait_for(lambda: gw.access_log.exists() and gw.access_log.read_text().strip(),
+                        10, "a combined log line")
+        assert re.fullmatch(
+            r'127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d \+0000\] "GET /x HTTP/1\.1" '
+            r'200 \d+ "-" "probe/2" [0-9a-f]{32} -', line), line
