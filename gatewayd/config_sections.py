@@ -130,8 +130,8 @@ def server_settings(loader: Loader, data: dict[str, Any],
 
 
 def _absolute(value: object, base: str) -> object:
-    """Paths become absolute; "" (unset) and "-" (stdout) stay as they are."""
-    if not isinstance(value, str) or value in ("", "-"):
+    """Paths become absolute; "" (unset), "-" (stdout) and "off" stay as they are."""
+    if not isinstance(value, str) or value in ("", "-", "off"):
         return value
     return os.path.normpath(os.path.join(base, value))
 

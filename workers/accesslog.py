@@ -33,7 +33,8 @@ MAX_PENDING = 1 << 20  # bytes queued before new lines are dropped (and counted)
 
 
 class AccessLog:
-    """Writes records to stdout ("-") or a file opened for append; `reopen` after USR1."""
+    """Writes records to stdout ("-"), a file opened for append, or nowhere ("off", like
+    nginx's `access_log off`); `reopen` after USR1."""
 
     def __init__(self, target: str, fmt: str) -> None:
         self._target = target
@@ -50,17 +51,23 @@ class AccessLog:
         """Open the target again (after logrotate renamed it); queued lines go to the new
         file."""
         old = self._fd
-        if self._target == "-":
+        if self._target == "off":
+            self._fd = -1
+        elif self._target == "-":
             self._fd = os.dup(1)
         else:
             self._fd = os.open(self._target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        self._is_pipe = stat.S_ISFIFO(os.fstat(self._fd).st_mode)
+        self._is_pipe = self._fd >= 0 and stat.S_ISFIFO(os.fstat(self._fd).st_mode)
         if old >= 0:
             os.close(old)
 
     def start(self) -> None:
         if self._flusher is None:
             self._flusher = gevent.spawn(self._flush_forever)
+
+    @property
+    def enabled(self) -> bool:
+        return self._target != "off"
 
     def write(self, record: dict[str, Any], started: float) -> None:
         if self._format == "json":

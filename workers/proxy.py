@@ -648,6 +648,8 @@ class _Record:
         now = time.time()
         stats.request_done(self.listener or conn.listener_label, self.rule, self.backend_pool,
                            self.status, now - self.started)
+        if not log.enabled:
+            return
         log.write({
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.started))
             + f".{int(self.started % 1 * 1000):03d}Z",

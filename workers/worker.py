@@ -28,7 +28,7 @@ from gatewayd.tlsconf import SNIRejected
 from .accesslog import AccessLog
 from .proxy import BindContext, Connection, DrainWake, Runtime
 from .spec import READY, BoundListener, WorkerSpec
-from .stats import Stats
+from .stats import make_stats
 from .upstream import UpstreamPool
 
 log = logging.getLogger("gatewayd.worker")
@@ -56,7 +56,7 @@ class Worker:
             router=spec.router,
             upstreams=UpstreamPool(spec.config.backend_pools, spec.config.backend_settings),
             access_log=AccessLog(server.access_log, server.access_log_format),
-            stats=Stats(),
+            stats=make_stats(),
         )
         self.pool = gevent.pool.Pool(server.worker_connections)
         self.accepting: list[gevent.Greenlet] = []
