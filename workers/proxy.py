@@ -105,6 +105,7 @@ class Connection:
         self.scheme = b"https" if bind.tls else b"http"
         self.tls_protocol = ""
         self.tls_cipher = ""
+        self.linger = False  # we close while the client may still be sending
         default = bind.router.certificate_listener(None) or bind.router.listeners[0]
         self.listener_label = default.name  # metrics: the SNI-selected listener, if any
         self._rx_key = self._tx_key = ("received_bytes", (self.listener_label,))
@@ -136,7 +137,9 @@ class Connection:
             if counted:
                 stats.connections -= 1
                 stats.client_connections[self.listener_label] -= 1
-            if self.stream is not None:
+            if self.stream is not None and self.linger:
+                self.stream.close_lingering()
+            elif self.stream is not None:
                 self.stream.close()
             else:
                 self.sock.close()
@@ -511,12 +514,14 @@ class Connection:
         record.error_info = info
         close = not head.keep_alive or self.rt.draining or (
             body_pending and not _no_body(head))
+        self.linger = close
         self._send_client(gateway_response(status, request_id=record.request_id, close=close))
         if not close and body_pending:
             self._take_end()
         return not close
 
     def _reply_error(self, status: int, info: str, close: bool) -> None:
+        self.linger = close
         record = _Record(self, None)
         record.status = status
         record.error_info = info

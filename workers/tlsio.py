@@ -55,6 +55,8 @@ class Stream(Protocol):
 
     def close(self) -> None: ...
 
+    def close_lingering(self) -> None: ...
+
     def fileno(self) -> int: ...
 
 
@@ -124,6 +126,10 @@ class PlainStream:
     def close(self) -> None:
         self._waiter.close()
         self.sock.close()
+
+    def close_lingering(self) -> None:
+        _linger(self.sock, self._waiter)
+        self.close()
 
 
 class TLSStream:
@@ -223,6 +229,42 @@ class TLSStream:
         self.shutdown()
         self._waiter.close()
         self.sock.close()
+
+    def close_lingering(self) -> None:
+        self.shutdown()
+        _linger(self.sock, self._waiter)
+        self._waiter.close()
+        self.sock.close()
+
+
+LINGER_TIME = 2.0  # s, like nginx's lingering_timeout but shorter: a courtesy, not a duty
+LINGER_BYTES = 1 << 20
+
+
+def _linger(sock: socket.socket, waiter: _Waiter) -> None:
+    """Half-close and discard what the client still sends (RFC 9112 §9.6).  Closing a
+    socket with unread input makes the kernel send RST, which can destroy the error
+    response we just wrote before the client reads it (nginx: lingering_close)."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        return
+    discarded = 0
+    timer = Timeout._start_new_or_dummy(LINGER_TIME, StreamTimeout)
+    try:
+        while discarded < LINGER_BYTES:
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                waiter.wait(_READ, None)
+                continue
+            if not data:
+                return
+            discarded += len(data)
+    except (StreamTimeout, OSError):
+        pass
+    finally:
+        timer.close()
 
 
 def _ssl_reason(exc: SSL.Error) -> str:
