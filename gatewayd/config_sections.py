@@ -154,7 +154,7 @@ def _server_value(loader: Loader, key: str, kind: type, value: object,
         problem = f"must be greater than 0; got {value}"
     elif key in _SERVER_CHOICES and value not in _SERVER_CHOICES[key]:
         problem = f"must be one of {', '.join(_SERVER_CHOICES[key])}; got {value!r}"
-    elif key == "admin_bind":
+    elif key == "admin_bind" and value != "":  # "" = no admin endpoint
         try:
             parse_address(str(value))
         except ValueError as exc:
