@@ -131,7 +131,8 @@ class Arbiter:
         self._notify_ready()
 
     def _loop_once(self) -> None:
-        self._wait_for_events(1.0)
+        wake_in = self.next_spawn - time.monotonic()
+        self._wait_for_events(min(1.0, wake_in) if wake_in > 0 else 1.0)
         while True:
             try:
                 name = self.signals.get_nowait()
@@ -221,15 +222,16 @@ class Arbiter:
             log.error("reload refused, keeping the running config:\n%s", exc)
             self._reload_failed(str(exc).splitlines()[0])
             return
+        running = list(self.generations)  # every generation that must retire on success
         try:
             generation = self._build_generation(config)
             self._bind_admin(config)
         except (BindError, OSError, ValueError) as exc:
             log.error("reload refused, keeping the running config: %s", exc)
+            self.generations = running
             self._reload_failed(str(exc))
             return
-        old = list(self.generations[:-1]) if self.generations else []
-        previous = self.generations[-1]
+        previous = running[-1]
         if self.worker_count == previous.config.server.workers:
             self.worker_count = config.server.workers
         if not self._spawn_generation(generation, boot=False):
@@ -238,7 +240,7 @@ class Arbiter:
             self._reload_failed("workers did not boot")
             return
         self.config = config
-        for gen in [*old, previous]:
+        for gen in running:
             for info in gen.workers.values():
                 self._retire(info)
             gen.workers.clear()
@@ -389,9 +391,10 @@ class Arbiter:
         now = time.monotonic()
         if len(current.workers) >= self.worker_count or now < self.next_spawn:
             return
-        if self.spawn_failures:
-            self.next_spawn = now + min(0.1 * 2 ** self.spawn_failures, 10.0)
         self._spawn(current)
+        # After failed boots, the next spawn waits 0.2, 0.4, … up to 10 s (crash loop).
+        self.next_spawn = now + (min(0.1 * 2 ** self.spawn_failures, 10.0)
+                                 if self.spawn_failures else 0.0)
 
     def _murder_stalled(self) -> None:
         timeout = self.config.server.worker_timeout
@@ -399,6 +402,10 @@ class Arbiter:
         for gen in self.generations:
             for info in gen.workers.values():
                 if not info.ready:
+                    if time.monotonic() - info.started > BOOT_TIMEOUT:
+                        log.error("worker %d did not boot within %.0fs: killing it",
+                                  info.pid, BOOT_TIMEOUT)
+                        self._kill(info.pid, signal.SIGKILL)
                     continue
                 try:
                     age = now - os.stat(info.heartbeat).st_mtime

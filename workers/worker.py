@@ -60,6 +60,7 @@ class Worker:
         )
         self.pool = gevent.pool.Pool(server.worker_connections)
         self.accepting: list[gevent.Greenlet] = []
+        self.drainer: gevent.Greenlet | None = None
         self.stopping = False
 
     def run(self) -> int:
@@ -79,6 +80,8 @@ class Worker:
         gevent.spawn(self._flush_metrics)
         os.write(self.spec.ready_fd, READY + struct.pack("!I", os.getpid()))
         gevent.joinall(self.accepting)
+        if self.drainer is not None:
+            self.drainer.join()  # graceful stop: in-flight requests finish first
         heartbeat.kill()
         return 0
 
@@ -144,7 +147,7 @@ class Worker:
         loop = get_hub().loop
         for idle in list(self.runtime.idle):
             loop.run_callback(self._wake_if_idle, idle)
-        gevent.spawn(self._drain)
+        self.drainer = gevent.spawn(self._drain)
 
     def _wake_if_idle(self, greenlet: gevent.Greenlet) -> None:
         """Runs in the hub: a greenlet still in the idle set is blocked in its keep-alive

@@ -160,9 +160,11 @@ class Gateway:
         return int(self.state().get("admin_pid", 0))
 
     def worker_pids(self) -> list[int]:
-        """Live children of the master except the admin process."""
-        admin = self.admin_pid()
-        return [pid for pid in self.children() if pid != admin]
+        """Live workers: children of the master that its state file lists as workers
+        (so the admin process, and a child the master has not published yet, never
+        count)."""
+        listed = set(self.state().get("worker_pids", []))
+        return [pid for pid in self.children() if pid in listed]
 
     def log_records(self) -> list[dict[str, Any]]:
         if not self.access_log.exists():
