@@ -31,6 +31,7 @@ from .http1 import (
     ResponseHead,
     ResponseParser,
 )
+from .record import CODE_CLASS, RequestRecord, handshake_error_reason
 from .stats import Stats
 from .tlsio import (
     PlainStream,
@@ -233,7 +234,7 @@ class Connection:
 
     def _exchange(self, head: RequestHead) -> bool:
         """Proxy one request; return True if the connection may serve another."""
-        record = _Record(self, head)
+        record = RequestRecord(self, head)
         stats = self.rt.stats
         stats.in_flight += 1
         try:
@@ -244,7 +245,7 @@ class Connection:
             stats.in_flight -= 1
             record.finish(self.rt.access_log, stats)
 
-    def _proxy(self, head: RequestHead, record: _Record) -> bool:
+    def _proxy(self, head: RequestHead, record: RequestRecord) -> bool:
         try:
             target = normalize_target(head.target)
             host = head.host.decode("latin-1")
@@ -267,7 +268,7 @@ class Connection:
                                         framing)
         return self._relay(head, route, upstream, request, record)
 
-    def _connect(self, head: RequestHead, route: Route, record: _Record) -> Upstream | None:
+    def _connect(self, head: RequestHead, route: Route, record: RequestRecord) -> Upstream | None:
         ups = self.rt.upstreams
         client_host = head.host.decode("latin-1")
         try:
@@ -325,7 +326,7 @@ class Connection:
         )
 
     def _relay(
-        self, head: RequestHead, route: Route, up: Upstream, request: bytes, record: _Record
+        self, head: RequestHead, route: Route, up: Upstream, request: bytes, record: RequestRecord
     ) -> bool:
         """Send the request (head + streamed body) and stream the response back."""
         ups = self.rt.upstreams
@@ -366,7 +367,7 @@ class Connection:
         return self._send_response(head, resp, pending, parser, up, record, keep)
 
     def _reconnect(
-        self, head: RequestHead, route: Route, stale: Upstream, record: _Record
+        self, head: RequestHead, route: Route, stale: Upstream, record: RequestRecord
     ) -> Upstream | None:
         try:
             return self.rt.upstreams.acquire_fresh(
@@ -448,7 +449,7 @@ class Connection:
         pending: deque[Any],
         parser: ResponseParser,
         up: Upstream,
-        record: _Record,
+        record: RequestRecord,
         keep: bool,
     ) -> bool:
         bodyless = head.method == b"HEAD" or resp.status in (204, 304)
@@ -505,7 +506,7 @@ class Connection:
     # -- answers made by the gateway ------------------------------------------------
 
     def _refuse(
-        self, head: RequestHead, record: _Record, status: int, info: str,
+        self, head: RequestHead, record: RequestRecord, status: int, info: str,
         body_pending: bool = True,
     ) -> bool:
         """Answer with a gateway-made status.  Unread body → close the connection, since
@@ -522,7 +523,7 @@ class Connection:
 
     def _reply_error(self, status: int, info: str, close: bool) -> None:
         self.linger = close
-        record = _Record(self, None)
+        record = RequestRecord(self, None)
         record.status = status
         record.error_info = info
         try:
@@ -538,7 +539,7 @@ class Connection:
         self.stream.sendall(data)
         self.rt.stats.counters[self._tx_key] += len(data)
 
-    def _backend_failed(self, record: _Record, reason: str) -> None:
+    def _backend_failed(self, record: RequestRecord, reason: str) -> None:
         self.rt.stats.count("backend_failures", (record.backend_pool, record.backend, reason))
 
 
@@ -546,35 +547,6 @@ class _UpstreamGone(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-CODE_CLASS = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx", "6xx", "7xx", "8xx", "9xx")
-
-
-def handshake_error_reason(openssl_reason: str) -> str:
-    """A short, bounded label from OpenSSL's reason string ("wrong version number" →
-    "wrong_version_number"); plain HTTP on a TLS port reads "http_request"."""
-    text = openssl_reason.lower()
-    for needle, label in _HANDSHAKE_REASONS:
-        if needle in text:
-            return label
-    return "other"
-
-
-_HANDSHAKE_REASONS = (
-    ("http request", "http_request"),
-    ("unsupported protocol", "unsupported_protocol"),
-    ("wrong version", "wrong_version_number"),
-    ("version too low", "unsupported_protocol"),
-    ("no shared cipher", "no_shared_cipher"),
-    ("no suitable signature", "no_shared_cipher"),
-    ("servername", "sni_rejected"),
-    ("callback", "sni_rejected"),
-    ("unexpected eof", "unexpected_eof"),
-    ("alert", "client_alert"),
-    ("record", "bad_record"),
-    ("packet length", "bad_record"),
-)
 
 
 def _no_body(head: RequestHead) -> bool:
@@ -594,97 +566,3 @@ def _upstream_send(up: Upstream, data: bytes) -> None:
         up.stream.sendall(data)
     except StreamClosed as exc:
         raise _UpstreamGone("reset") from exc
-
-
-class _Record:
-    """The access-log fields of one request, filled in as the exchange proceeds."""
-
-    __slots__ = (
-        "backend",
-        "backend_connect_time",
-        "backend_first_byte_time",
-        "backend_pool",
-        "backend_settings",
-        "backend_status",
-        "bytes_received",
-        "bytes_sent",
-        "conn",
-        "error_info",
-        "head",
-        "listener",
-        "path_rule",
-        "request_id",
-        "rule",
-        "started",
-        "status",
-        "uri",
-    )
-
-    def __init__(self, conn: Connection, head: RequestHead | None) -> None:
-        self.conn = conn
-        self.head = head
-        self.request_id = forwarding.new_request_id()
-        self.started = time.time()
-        self.listener = self.rule = self.path_rule = ""
-        self.backend_pool = self.backend_settings = self.backend = ""
-        self.uri = head.target.decode("latin-1") if head else ""
-        self.status = 0
-        self.backend_status = 0
-        self.bytes_received = 0
-        self.bytes_sent = 0
-        self.backend_connect_time: float | None = None
-        self.backend_first_byte_time: float | None = None
-        self.error_info = ""
-
-    def set_route(self, route: Route) -> None:
-        self.rule = route.rule.name
-        self.path_rule = route.path_rule.name if route.path_rule else ""
-        self.backend_pool = route.backend_pool
-        self.backend_settings = route.backend_settings
-
-    def finish(self, log: AccessLog, stats: Stats) -> None:
-        head, conn = self.head, self.conn
-        user_agent = ""
-        if head is not None:
-            for name, value in head.headers:
-                if name.lower() == b"user-agent":
-                    user_agent = value.decode("latin-1")
-                    break
-        now = time.time()
-        stats.request_done(self.listener or conn.listener_label, self.rule, self.backend_pool,
-                           self.status, now - self.started)
-        if not log.enabled:
-            return
-        log.write({
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.started))
-            + f".{int(self.started % 1 * 1000):03d}Z",
-            "request_id": self.request_id,
-            "client_ip": conn.client_ip,
-            "client_port": conn.client_port,
-            "listener": self.listener,
-            "rule": self.rule,
-            "path_rule": self.path_rule,
-            "backend_pool": self.backend_pool,
-            "backend_settings": self.backend_settings,
-            "backend": self.backend,
-            "method": head.method.decode("latin-1") if head else "",
-            "uri": self.uri,
-            "host": head.host.decode("latin-1") if head else "",
-            "http_version": head.version.decode() if head else "",
-            "status": self.status,
-            "backend_status": self.backend_status,
-            "bytes_received": self.bytes_received,
-            "bytes_sent": self.bytes_sent,
-            "duration": round(now - self.started, 6),
-            "backend_connect_time": _round(self.backend_connect_time),
-            "backend_first_byte_time": _round(self.backend_first_byte_time),
-            "tls_protocol": conn.tls_protocol,
-            "tls_cipher": conn.tls_cipher,
-            "sni": conn.sni or "",
-            "user_agent": user_agent,
-            "error_info": self.error_info,
-        }, self.started)
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 6)
