@@ -117,6 +117,8 @@ class Arbiter:
         self._write_pidfile()
         metrics.prepare_dir(self.config.server.runtime_dir, wipe=True)
         self.metrics = metrics.setup()
+        for result in ("success", "failure"):  # present from the start: increase() sees 1
+            self.metrics.config_reloads.labels(result)
         for name in SIGNALS:
             signal.signal(getattr(signal, f"SIG{name}"), self._queue_signal)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
@@ -479,7 +481,8 @@ class Arbiter:
         current = self.generations[-1] if self.generations else None
         ready = sum(w.ready for w in current.workers.values()) if current else 0
         pids = sorted(pid for gen in self.generations for pid in gen.workers)
-        state = (self.state, ready, current.number if current else 0, pids, self.admin_pid)
+        state = (self.state, ready, current.number if current else 0, pids, self.admin_pid,
+                 sorted(self.retiring))
         if state == self._published:
             return
         self._published = state

@@ -50,6 +50,11 @@ IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"
 # way is answered (with Connection: close) instead of meeting a closed socket.
 DRAIN_IDLE_GRACE = 1.0
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+TLS_HANDSHAKE_RECORD = 0x16  # the first byte of every ClientHello (RFC 8446 §5.1)
+PLAIN_HTTP_ON_TLS_PORT = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 46\r\n"
+    b"Connection: close\r\n\r\nThe plain HTTP request was sent to HTTPS port.\n"
+)
 LAST_CHUNK = b"0\r\n\r\n"
 
 
@@ -150,8 +155,17 @@ class Connection:
         if tls is None:
             return PlainStream(self.sock)
         stream = TLSStream.server(self.sock, tls.accept_context)
+        limit = self.rt.server.tls_handshake_timeout
+        started = time.monotonic()
         try:
-            stream.handshake(self.rt.server.tls_handshake_timeout)
+            first = stream.peek(limit)
+            if not first:
+                stream.close()  # a TCP health check: connected, closed, said nothing
+                return None
+            if first[0] != TLS_HANDSHAKE_RECORD:
+                self._not_tls(stream, first)
+                return None
+            stream.handshake(limit - (time.monotonic() - started))
         except TLSHandshakeFailed as exc:
             self._handshake_failed(stream, handshake_error_reason(exc.reason))
             return None
@@ -172,9 +186,23 @@ class Connection:
         self.rt.stats.count("tls_handshakes", (self.listener_label, self.tls_protocol))
         return stream
 
-    def _handshake_failed(self, stream: TLSStream, reason: str) -> None:
+    def _not_tls(self, stream: TLSStream, first: bytes) -> None:
+        """Plain HTTP on an HTTPS port gets a clear-text 400 saying so (as nginx does);
+        other non-TLS bytes just a close."""
+        if first[:1].isalpha():
+            self._handshake_failed(stream, "http_request", close=False)
+            try:
+                stream.sock.sendall(PLAIN_HTTP_ON_TLS_PORT)
+            except OSError:
+                pass
+            stream.close_lingering()
+        else:
+            self._handshake_failed(stream, "not_tls")
+
+    def _handshake_failed(self, stream: TLSStream, reason: str, close: bool = True) -> None:
         self.rt.stats.count("tls_handshake_errors", (self.listener_label, reason))
-        stream.close()
+        if close:
+            stream.close()
 
     def _recv_client(self, timeout: float) -> bytes:
         assert self.stream is not None

@@ -28,7 +28,7 @@ class _Histogram:
 class Stats:
     """What one worker has counted since the last flush."""
 
-    def __init__(self) -> None:
+    def __init__(self, listeners: tuple[str, ...] = ()) -> None:
         self.metrics = m.setup()
         self.worker_connections, self.worker_in_flight = m.worker_gauges()
         self.counters: defaultdict[tuple[str, tuple[str, ...]], float] = defaultdict(float)
@@ -39,6 +39,8 @@ class Stats:
         self._written_gauges: dict[Any, float] = {}
         self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
         self.backend_not_after: dict[str, float] = {}
+        for name in listeners:  # exported at 0 from boot, not from the first client
+            self.client_connections[name] = 0
 
     # -- recording (hot path) ---------------------------------------------------------
 
@@ -109,6 +111,8 @@ class NullStats(Stats):
         self.counters.clear()
 
 
-def make_stats() -> Stats:
+def make_stats(listeners: tuple[str, ...]) -> Stats:
     """Stats for a worker; GATEWAYD_METRICS=off (a benchmarking aid) turns them off."""
-    return NullStats() if os.environ.get("GATEWAYD_METRICS", "on") == "off" else Stats()
+    if os.environ.get("GATEWAYD_METRICS", "on") == "off":
+        return NullStats()
+    return Stats(listeners)

@@ -162,6 +162,22 @@ class TLSStream:
     def fileno(self) -> int:
         return self._fd
 
+    def peek(self, timeout: float) -> bytes:
+        """The first bytes the peer sent, left in the socket (b"" if it closed first):
+        lets the server tell a TCP health check or plain HTTP from a TLS ClientHello
+        before OpenSSL sees anything."""
+        timer = Timeout._start_new_or_dummy(timeout, StreamTimeout)
+        try:
+            while True:
+                try:
+                    return self.sock.recv(16, socket.MSG_PEEK)
+                except BlockingIOError:
+                    self._waiter.wait(_READ, None)
+                except OSError as exc:
+                    raise StreamClosed(str(exc)) from exc
+        finally:
+            timer.close()
+
     def handshake(self, timeout: float) -> None:
         """Complete the handshake within `timeout` seconds in total (not per step), so a
         peer that trickles bytes cannot hold the connection longer."""

@@ -56,7 +56,7 @@ class Worker:
             router=spec.router,
             upstreams=UpstreamPool(spec.config.backend_pools, spec.config.backend_settings),
             access_log=AccessLog(server.access_log, server.access_log_format),
-            stats=make_stats(),
+            stats=make_stats(tuple(lst.name for lst in spec.config.listeners)),
         )
         self.pool = gevent.pool.Pool(server.worker_connections)
         self.accepting: list[gevent.Greenlet] = []
