@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -352,6 +353,11 @@ def test_live_metrics_and_a_real_prometheus(tmp_path: Path, pki: TestPKI,
             assert send(gw.port, "/ok", "shop.test", 37, 5) == [200] * 37
             assert send(gw.port, "/", "nobody.test", 5, 1) == [404] * 5
             assert send(gw.port, "/evil/x", "shop.test", 3, 1) == [502] * 3
+            # One failed handshake, so the error counter family exists: plain HTTP on
+            # the HTTPS port (answered with a clear-text 400, counted as http_request).
+            with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as plain:
+                plain.sendall(b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+                assert plain.recv(100).startswith(b"HTTP/1.1 400")
             expected = {"200": 37.0, "404": 5.0, "502": 3.0}
             total = sum(expected.values())
 
