@@ -304,6 +304,7 @@ def client_response_head(
     close: bool,
     *,
     upgrade: bytes | None = None,
+    announce_keep_alive: bool = False,
 ) -> bytes:
     """The response head to send to the client (§6): the status line, the backend's
     headers in order minus hop-by-hop fields, names its Connection field lists,
@@ -311,7 +312,9 @@ def client_response_head(
     if `close`, and the blank line.
 
     `upgrade` re-adds `Connection: Upgrade` / `Upgrade: <value>` on a 101 (RFC 9110
-    §7.8); it takes the place of `Connection: close`.
+    §7.8); it takes the place of `Connection: close`.  `announce_keep_alive` adds
+    `Connection: keep-alive` when not closing: an HTTP/1.0 client only keeps a connection
+    it was told is persistent (RFC 9112 §9.3).
     """
     parts: list[bytes] = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
     append = parts.append
@@ -343,6 +346,8 @@ def client_response_head(
         parts += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, b"\r\n")
     elif close:
         append(b"Connection: close\r\n")
+    elif announce_keep_alive:
+        append(b"Connection: keep-alive\r\n")
     append(b"\r\n")
     return b"".join(parts)
 

@@ -50,6 +50,7 @@ IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"
 # way is answered (with Connection: close) instead of meeting a closed socket.
 DRAIN_IDLE_GRACE = 1.0
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+KEEP_ALIVE_10 = ((b"Connection", b"keep-alive"),)
 TLS_HANDSHAKE_RECORD = 0x16  # the first byte of every ClientHello (RFC 8446 §5.1)
 PLAIN_HTTP_ON_TLS_PORT = (
     b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 46\r\n"
@@ -354,9 +355,12 @@ class Connection:
         )
 
     def _relay(
-        self, head: RequestHead, route: Route, up: Upstream, request: bytes, record: RequestRecord
+        self, head: RequestHead, route: Route, up: Upstream, request: bytes,
+        record: RequestRecord, retry: bool = False,
     ) -> bool:
-        """Send the request (head + streamed body) and stream the response back."""
+        """Send the request (head + streamed body) and stream the response back.  A retry
+        (only ever of a body-less request) resends the head alone: the client's side of
+        the request was consumed the first time."""
         ups = self.rt.upstreams
         settings = ups.settings(route.backend_settings)
         retryable = up.reused and head.method in IDEMPOTENT and _no_body(head)
@@ -364,7 +368,8 @@ class Connection:
         try:
             up.stream.timeout = settings.request_timeout
             up.stream.sendall(request)
-            record.bytes_received += self._send_body(head, up)
+            if not retry:
+                record.bytes_received += self._send_body(head, up)
             parser = ResponseParser(request_method=head.method)
             resp, pending = self._read_response_head(up, parser)
         except _UpstreamGone as exc:
@@ -373,7 +378,7 @@ class Connection:
                 fresh = self._reconnect(head, route, up, record)
                 if fresh is None:
                     return False
-                return self._relay(head, route, fresh, request, record)
+                return self._relay(head, route, fresh, request, record, retry=True)
             self._backend_failed(record, exc.reason)
             return self._refuse(head, record, 502, exc.reason, body_pending=False)
         except StreamTimeout:
@@ -490,10 +495,9 @@ class Connection:
             framing, rechunk = b"Transfer-Encoding: chunked", True
         else:
             framing, keep = None, False  # HTTP/1.0 client: delimit by closing
-        if keep and head.version == b"1.0":
-            resp.headers.append((b"Connection", b"keep-alive"))
         out = [forwarding.client_response_head(resp.status, resp.reason, resp.headers,
-                                               framing, not keep)]
+                                               framing, not keep,
+                                               announce_keep_alive=head.version == b"1.0")]
         record.status = resp.status
         sent = 0
         complete = False
@@ -541,10 +545,12 @@ class Connection:
         what follows on the wire can no longer be framed safely."""
         record.status = status
         record.error_info = info
-        close = not head.keep_alive or self.rt.draining or (
+        close = not head.keep_alive or self.rt.draining or status == 400 or (
             body_pending and not _no_body(head))
         self.linger = close
-        self._send_client(gateway_response(status, request_id=record.request_id, close=close))
+        extra = KEEP_ALIVE_10 if head.version == b"1.0" and not close else ()
+        self._send_client(gateway_response(status, request_id=record.request_id, close=close,
+                                           head=head.method == b"HEAD", extra_headers=extra))
         if not close and body_pending:
             self._take_end()
         return not close
