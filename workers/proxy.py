@@ -301,10 +301,12 @@ class Connection:
         ups = self.rt.upstreams
         client_host = head.host.decode("latin-1")
         try:
-            server = ups.pick(route.backend_pool, route.backend_settings)
+            server, cookies = ups.choose(route.backend_pool, route.backend_settings,
+                                         head.headers)
         except IndexError:
             self._refuse(head, record, 503, "no_healthy_server")
             return None
+        record.add_response_headers.extend(cookies)
         for attempt in (1, 2):
             record.backend = server.label
             try:
@@ -495,7 +497,10 @@ class Connection:
             framing, rechunk = b"Transfer-Encoding: chunked", True
         else:
             framing, keep = None, False  # HTTP/1.0 client: delimit by closing
-        out = [forwarding.client_response_head(resp.status, resp.reason, resp.headers,
+        headers = resp.headers
+        if record.add_response_headers:
+            headers = headers + record.add_response_headers
+        out = [forwarding.client_response_head(resp.status, resp.reason, headers,
                                                framing, not keep,
                                                announce_keep_alive=head.version == b"1.0")]
         record.status = resp.status

@@ -50,6 +50,7 @@ class RequestRecord:
     """The access-log fields of one request, filled in as the exchange proceeds."""
 
     __slots__ = (
+        "add_response_headers",
         "backend",
         "backend_connect_time",
         "backend_first_byte_time",
@@ -85,6 +86,8 @@ class RequestRecord:
         self.backend_connect_time: float | None = None
         self.backend_first_byte_time: float | None = None
         self.error_info = ""
+        # Set by the gateway for the client (affinity cookies, rewrites); see _send_response.
+        self.add_response_headers: list[tuple[bytes, bytes]] = []
 
     def set_route(self, route: Route) -> None:
         self.rule = route.rule.name

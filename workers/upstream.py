@@ -133,6 +133,13 @@ class UpstreamPool:
     def servers(self, pool_name: str, settings_name: str) -> list[Server]:
         return self._target(pool_name, settings_name).servers
 
+    def choose(
+        self, pool_name: str, settings_name: str, request_headers: list[tuple[bytes, bytes]]
+    ) -> tuple[Server, list[tuple[bytes, bytes]]]:
+        """The server for a new request, and headers to add to its response (affinity
+        cookies); IndexError when the pool has no usable server."""
+        return self.pick(pool_name, settings_name), []
+
     def pick(self, pool_name: str, settings_name: str, exclude: Server | None = None) -> Server:
         """Round-robin; IndexError when the pool has no server."""
         target = self._target(pool_name, settings_name)
