@@ -26,6 +26,7 @@ from typing import Any
 
 from gatewayd import config_sections as sections
 from gatewayd.config_lines import index_lines
+from gatewayd.config_probes import load_probes
 from gatewayd.config_reader import NOT_YET_SUPPORTED, Loader, Problem, Report, Where, suggest
 from gatewayd.config_sections import SERVER_KEYS, parse_address
 from gatewayd.model import BackendPool, BackendSettings, GatewayConfig, PathRule, Rule
@@ -54,7 +55,8 @@ class ConfigError(Exception):
         return "\n".join(str(problem) for problem in self.problems)
 
 
-_TOP_LEVEL = ("server", "listener", "ssl_policy", "backend_pool", "backend_settings", "rule")
+_TOP_LEVEL = ("server", "listener", "ssl_policy", "backend_pool", "backend_settings", "rule",
+              "probe")
 MAX_PRIORITY = 20000
 _TOML_LINE = re.compile(r"\s*\(at line (\d+), column \d+\)")
 
@@ -108,6 +110,7 @@ class _GatewayLoader(Loader):
         server = sections.server_settings(self, data, overrides)
         sections.custom_policies(self, data)
         pools = self.backend_pools(data)
+        probes = load_probes(self, data)
         settings = self.backend_settings(data)
         listeners = sections.listeners(self, data)
         rules = self.rules(data)
@@ -121,6 +124,7 @@ class _GatewayLoader(Loader):
             backend_pools=pools,
             backend_settings=settings,
             rules=tuple(sorted(rules, key=lambda rule: rule.priority)),
+            probes=probes,
             warnings=tuple(str(w) for w in _in_file_order(self.report.warnings)),
         )
 

@@ -233,25 +233,17 @@ _ABSENT = object()  # default of a top-level table that is not implemented: any 
 
 NOT_YET_SUPPORTED: dict[str, dict[str, tuple[object, str]]] = {
     "": {
-        "probe": (_ABSENT, "custom health probes"),
         "redirect": (_ABSENT, "redirects"),
         "rewrite_set": (_ABSENT, "header rewrites"),
         "error_pages": (_ABSENT, "custom error pages"),
     },
-    "server": {"affinity_secret_file": ("", "cookie-based affinity")},
+    "server": {},
     "listener": {
         "client_auth": ("none", "mutual TLS"),
         "client_ca": ([], "mutual TLS"),
         "ocsp_response_file": ("", "OCSP stapling"),
         "watch_certificates": (False, "certificate file watching"),
         "error_pages": ({}, "custom error pages"),
-    },
-    "backend_settings": {
-        "cookie_based_affinity": (False, "cookie-based affinity"),
-        "affinity_cookie_name": ("ApplicationGatewayAffinity", "cookie-based affinity"),
-        "connection_draining_timeout": (30, "connection draining"),
-        "path": ("", "backend path override"),
-        "probe": ("", "custom health probes"),
     },
     "rule": {"redirect": ("", "redirects"), "rewrite_set": ("", "header rewrites")},
     "path_rule": {"redirect": ("", "redirects"), "rewrite_set": ("", "header rewrites")},
@@ -268,7 +260,10 @@ KEYS: dict[str, tuple[str, ...]] = {
                          "pick_host_name_from_backend_address", "sni_name",
                          "pinned_public_keys", "pinned_certificates",
                          "trusted_root_certificates", "min_protocol", "connect_timeout",
-                         "request_timeout"),
+                         "request_timeout", "cookie_based_affinity", "affinity_cookie_name",
+                         "connection_draining_timeout", "path", "probe"),
+    "probe": ("name", "protocol", "host", "path", "interval", "timeout",
+              "unhealthy_threshold", "match_status_codes", "match_body"),
     "rule": ("name", "priority", "listener", "backend_pool", "backend_settings", "path_rule"),
     "path_rule": ("name", "paths", "backend_pool", "backend_settings"),
 }

@@ -407,8 +407,32 @@ def backend_settings(loader: Loader, table: Table) -> BackendSettings | None:
         min_protocol=table.get_str("min_protocol", "TLSv1.2", choices=policies.PROTOCOLS) or "",
         connect_timeout=table.get_seconds("connect_timeout", 5.0),
         request_timeout=table.get_seconds("request_timeout", 20.0),
+        cookie_based_affinity=table.get_bool("cookie_based_affinity"),
+        affinity_cookie_name=_cookie_name(table),
+        connection_draining_timeout=table.get_seconds("connection_draining_timeout", 30.0),
+        path=_path_override(table),
+        probe=(loader.reference(table, "probe", "probe") or "") if table.has("probe") else "",
     )
     return settings if name is not None and protocol is not None and port is not None else None
+
+
+_COOKIE_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # an RFC 6265 cookie-name token
+
+
+def _cookie_name(table: Table) -> str:
+    name = table.get_str("affinity_cookie_name", "ApplicationGatewayAffinity") or ""
+    if name and not _COOKIE_NAME.fullmatch(name):
+        table.report.error(table.where.key("affinity_cookie_name"),
+                           f"not a valid cookie name: {name!r}")
+    return name or "ApplicationGatewayAffinity"
+
+
+def _path_override(table: Table) -> str:
+    path = table.get_str("path") or ""
+    if path and not path.startswith("/"):
+        table.report.error(table.where.key("path"), f"must start with '/', got {path!r}")
+        return ""
+    return path
 
 
 def _pins(loader: Loader, table: Table) -> list[bytes]:

@@ -126,6 +126,31 @@ class BackendSettings:
     min_protocol: str = "TLSv1.2"
     connect_timeout: float = 5.0
     request_timeout: float = 20.0
+    cookie_based_affinity: bool = False
+    affinity_cookie_name: str = "ApplicationGatewayAffinity"
+    connection_draining_timeout: float = 30.0
+    path: str = ""  # backend path prefix override (Azure "override backend path")
+    probe: str = ""  # a [[probe]] name; "" = the default probe
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """A health probe (Azure defaults: GET / every 30 s, timeout 30 s, 3 failures, 200-399).
+    `protocol` "" means the backend settings' protocol; `host` "" means 127.0.0.1 as the
+    Host header and no SNI beyond what the settings name."""
+
+    name: str
+    protocol: str = ""
+    host: str = ""
+    path: str = "/"
+    interval: float = 30.0
+    timeout: float = 30.0
+    unhealthy_threshold: int = 3
+    match_status_codes: tuple[tuple[int, int], ...] = ((200, 399),)
+    match_body: str = ""
+
+
+DEFAULT_PROBE = Probe(name="")
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +182,7 @@ class GatewayConfig:
     backend_pools: dict[str, BackendPool] = field(default_factory=dict)
     backend_settings: dict[str, BackendSettings] = field(default_factory=dict)
     rules: tuple[Rule, ...] = ()
+    probes: dict[str, Probe] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()  # non-fatal findings (e.g. a suite OpenSSL refuses)
 
     def binds(self) -> list[Address]:

@@ -854,11 +854,49 @@ def test_not_yet_supported_keys_with_default_values_are_accepted(
     load(tmp_path, text)
 
 
-def test_unsupported_override(tmp_path: Path, pki: dict[str, Issued]) -> None:
-    assert problems(tmp_path, VALID, affinity_secret_file="/etc/secret") == [
-        "gw.toml: server.affinity_secret_file: not supported yet "
-        "(cookie-based affinity arrives in a later release)"
-    ]
+def test_probe_tables_and_backend_settings_health_keys(tmp_path: Path,
+                                                        pki: dict[str, Issued]) -> None:
+    text = VALID + """
+[[probe]]
+name = "health"
+protocol = "https"
+host = "probe.example.test"
+path = "/healthz"
+interval = 5
+timeout = 2
+unhealthy_threshold = 2
+match_status_codes = ["200-204", "401"]
+match_body = "ok"
+"""
+    text = edit('name = "web-http"', 'name = "web-http"\nprobe = "health"\n'
+                'cookie_based_affinity = true\naffinity_cookie_name = "Sticky"\n'
+                'connection_draining_timeout = 60\npath = "/override/"', text)
+    config = load(tmp_path, text)
+    probe = config.probes["health"]
+    assert (probe.protocol, probe.host, probe.path) == ("https", "probe.example.test", "/healthz")
+    assert (probe.interval, probe.timeout, probe.unhealthy_threshold) == (5.0, 2.0, 2)
+    assert probe.match_status_codes == ((200, 204), (401, 401))
+    assert probe.match_body == "ok"
+    settings = config.backend_settings["web-http"]
+    assert settings.probe == "health" and settings.cookie_based_affinity
+    assert settings.affinity_cookie_name == "Sticky"
+    assert settings.connection_draining_timeout == 60.0 and settings.path == "/override/"
+
+
+def test_probe_problems(tmp_path: Path, pki: dict[str, Issued]) -> None:
+    text = VALID + """
+[[probe]]
+name = "bad"
+path = "healthz"
+match_status_codes = ["2xx", "500-400"]
+"""
+    text = edit('name = "web-http"', 'name = "web-http"\nprobe = "missing"', text)
+    found = problems(tmp_path, text)
+    assert any("probe[bad].path: must start with '/'" in p for p in found), found
+    assert any("match_status_codes[0]: expected a status code" in p for p in found), found
+    assert any("match_status_codes[1]: status range must lie" in p for p in found), found
+    assert any("backend_settings[web-http].probe: no probe named 'missing'" in p
+               for p in found), found
 
 
 # -- everything at once -----------------------------------------------------------------
