@@ -24,10 +24,19 @@ import tomllib
 from collections.abc import Mapping
 from typing import Any
 
+from gatewayd import config_frontend as frontend
 from gatewayd import config_sections as sections
 from gatewayd.config_lines import index_lines
 from gatewayd.config_probes import load_probes
-from gatewayd.config_reader import NOT_YET_SUPPORTED, Loader, Problem, Report, Where, suggest
+from gatewayd.config_reader import (
+    NOT_YET_SUPPORTED,
+    Loader,
+    Problem,
+    Report,
+    Table,
+    Where,
+    suggest,
+)
 from gatewayd.config_sections import SERVER_KEYS, parse_address
 from gatewayd.model import BackendPool, BackendSettings, GatewayConfig, PathRule, Rule
 
@@ -56,7 +65,7 @@ class ConfigError(Exception):
 
 
 _TOP_LEVEL = ("server", "listener", "ssl_policy", "backend_pool", "backend_settings", "rule",
-              "probe")
+              "probe", "redirect", "rewrite_set", "error_pages")
 MAX_PRIORITY = 20000
 _TOML_LINE = re.compile(r"\s*\(at line (\d+), column \d+\)")
 
@@ -113,6 +122,9 @@ class _GatewayLoader(Loader):
         probes = load_probes(self, data)
         settings = self.backend_settings(data)
         listeners = sections.listeners(self, data)
+        redirects = frontend.redirects(self, data)
+        rewrite_sets = frontend.rewrite_sets(self, data)
+        global_pages = frontend.global_error_pages(self, data)
         rules = self.rules(data)
         self.unreferenced_listeners(data)
         if self.report.problems:
@@ -125,6 +137,9 @@ class _GatewayLoader(Loader):
             backend_settings=settings,
             rules=tuple(sorted(rules, key=lambda rule: rule.priority)),
             probes=probes,
+            redirects=redirects,
+            rewrite_sets=rewrite_sets,
+            error_pages=global_pages,
             warnings=tuple(str(w) for w in _in_file_order(self.report.warnings)),
         )
 
@@ -168,19 +183,37 @@ class _GatewayLoader(Loader):
             name = table.get_str("name", required=True)
             priority = table.get_int("priority", required=True, low=1, high=MAX_PRIORITY)
             listener = self.reference(table, "listener", "listener")
-            pool = self.reference(table, "backend_pool", "backend_pool")
-            settings = self.reference(table, "backend_settings", "backend_settings")
+            pool, settings, redirect, rewrite_set = self.target(table)
             if priority is not None:
                 self.once(by_priority, priority, where, "priority", f"priority {priority}")
             if listener is not None:
                 self.once(by_listener, listener, where, "listener",
                           f"listener {listener!r}", " (one rule per listener)")
             path_rules = self.path_rules(where, raw)
-            if None in (name, priority, listener, pool, settings) or path_rules is None:
+            if None in (name, priority, listener, pool, settings, redirect, rewrite_set) \
+                    or path_rules is None:
                 continue
-            assert name and priority and listener and pool and settings
-            rules.append(Rule(name, priority, listener, pool, settings, path_rules))
+            assert name and priority and listener and pool is not None and settings is not None
+            assert redirect is not None and rewrite_set is not None
+            rules.append(Rule(name, priority, listener, pool, settings, path_rules,
+                              redirect=redirect, rewrite_set=rewrite_set))
         return rules
+
+    def target(self, table: Table) -> tuple[str | None, str | None, str | None, str | None]:
+        """(backend_pool, backend_settings, redirect, rewrite_set) of a rule or path rule:
+        a redirect replaces the pool and settings (Azure: a rule targets either a backend
+        or a redirect); None marks a reported problem, "" an absent key."""
+        redirect = frontend.optional_reference(self, table, "redirect", "redirect")
+        rewrite_set = frontend.optional_reference(self, table, "rewrite_set", "rewrite_set")
+        if table.has("redirect"):
+            for key in ("backend_pool", "backend_settings"):
+                if table.has(key):
+                    self.report.error(table.where.key(key),
+                                      "a rule with a redirect has no backend target")
+            return "", "", redirect, rewrite_set
+        pool = self.reference(table, "backend_pool", "backend_pool")
+        settings = self.reference(table, "backend_settings", "backend_settings")
+        return pool, settings, redirect, rewrite_set
 
     def once(self, seen: dict[Any, Where], value: object, where: Where, key: str, what: str,
              why: str = "") -> None:
@@ -202,12 +235,14 @@ class _GatewayLoader(Loader):
                      if self.path_pattern(p, pw)]
             if isinstance(item.get("paths"), list) and not item["paths"]:
                 self.report.error(where.key("paths"), "needs at least one path pattern")
-            pool = self.reference(table, "backend_pool", "backend_pool")
-            settings = self.reference(table, "backend_settings", "backend_settings")
-            if name is None or pool is None or settings is None or not paths:
+            pool, settings, redirect, rewrite_set = self.target(table)
+            if None in (name, pool, settings, redirect, rewrite_set) or not paths:
                 ok = False
                 continue
-            built.append(PathRule(name, tuple(paths), pool, settings))
+            assert name is not None and pool is not None and settings is not None
+            assert redirect is not None and rewrite_set is not None
+            built.append(PathRule(name, tuple(paths), pool, settings, redirect=redirect,
+                                  rewrite_set=rewrite_set))
         return tuple(built) if ok else None
 
     def path_pattern(self, pattern: str, where: Where) -> bool:

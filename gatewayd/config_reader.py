@@ -232,28 +232,22 @@ def range_problem(value: float, low: float | None, high: float | None) -> str | 
 _ABSENT = object()  # default of a top-level table that is not implemented: any use is an error
 
 NOT_YET_SUPPORTED: dict[str, dict[str, tuple[object, str]]] = {
-    "": {
-        "redirect": (_ABSENT, "redirects"),
-        "rewrite_set": (_ABSENT, "header rewrites"),
-        "error_pages": (_ABSENT, "custom error pages"),
-    },
+    "": {},
     "server": {},
-    "listener": {
-        "client_auth": ("none", "mutual TLS"),
-        "client_ca": ([], "mutual TLS"),
-        "ocsp_response_file": ("", "OCSP stapling"),
-        "watch_certificates": (False, "certificate file watching"),
-        "error_pages": ({}, "custom error pages"),
-    },
-    "rule": {"redirect": ("", "redirects"), "rewrite_set": ("", "header rewrites")},
-    "path_rule": {"redirect": ("", "redirects"), "rewrite_set": ("", "header rewrites")},
 }
 """Contract keys parsed but not implemented yet: table kind → key → (default, feature).
 Present with a non-default value they are an error; later releases delete entries."""
 
 KEYS: dict[str, tuple[str, ...]] = {
     "listener": ("name", "bind", "protocol", "host_names", "certificate", "private_key",
-                 "ssl_policy", "require_sni", "x_forwarded_for_port"),
+                 "ssl_policy", "require_sni", "x_forwarded_for_port", "client_auth",
+                 "client_ca", "client_allowed_issuers", "ocsp_response_file",
+                 "watch_certificates", "error_pages"),
+    "redirect": ("name", "status", "target_listener", "target_url", "include_path",
+                 "include_query_string"),
+    "rewrite_set": ("name", "rule"),
+    "rewrite_rule": ("name", "condition", "request_headers_set", "request_headers_remove",
+                     "response_headers_set", "response_headers_remove"),
     "ssl_policy": ("min_protocol", "cipher_suites"),
     "backend_pool": ("name", "servers"),
     "backend_settings": ("name", "protocol", "port", "host_name",
@@ -264,8 +258,10 @@ KEYS: dict[str, tuple[str, ...]] = {
                          "connection_draining_timeout", "path", "probe"),
     "probe": ("name", "protocol", "host", "path", "interval", "timeout",
               "unhealthy_threshold", "match_status_codes", "match_body"),
-    "rule": ("name", "priority", "listener", "backend_pool", "backend_settings", "path_rule"),
-    "path_rule": ("name", "paths", "backend_pool", "backend_settings"),
+    "rule": ("name", "priority", "listener", "backend_pool", "backend_settings", "path_rule",
+             "redirect", "rewrite_set"),
+    "path_rule": ("name", "paths", "backend_pool", "backend_settings", "redirect",
+                  "rewrite_set"),
 }
 """The implemented keys of each array-of-tables kind (NOT_YET_SUPPORTED adds the rest)."""
 

@@ -15,6 +15,7 @@ from cryptography import x509
 
 from gatewayd import config_certs as certs
 from gatewayd import policies
+from gatewayd.config_frontend import listener_extras
 from gatewayd.config_reader import Loader, Table, Where, range_problem, suggest, type_name
 from gatewayd.model import (
     Address,
@@ -265,13 +266,14 @@ def _listener(loader: Loader, where: Where, raw: dict[str, Any]) -> _Placed | No
         https_only += ["require_sni"] if require_sni else []
         for key in https_only:
             loader.report.error(where.key(key), "only used by https listeners")
+    extras = listener_extras(loader, table, protocol, certificate)
     if name is None or bind is None or protocol is None:
         return None
     listener = Listener(
         name=name, bind=bind, protocol=protocol, host_names=tuple(h for h, _ in hosts),
         certificate=certificate, ssl_policy=policy, require_sni=require_sni,
         x_forwarded_for_port=table.get_bool("x_forwarded_for_port"),
-        line=loader.report.line_of(where) or 0,
+        line=loader.report.line_of(where) or 0, **extras,
     )
     return _Placed(listener, where, hosts)
 

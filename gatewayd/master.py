@@ -22,17 +22,16 @@ import struct
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from queue import Empty, SimpleQueue
 
+from gatewayd import generation as generations
 from gatewayd import metrics, systemd
 from gatewayd.admin import write_state
 from gatewayd.config import ConfigError, load_config
+from gatewayd.generation import Generation, WorkerInfo
 from gatewayd.listeners import BindError, ListenerSet, bind
 from gatewayd.model import Address, GatewayConfig
-from gatewayd.routing import Router
-from gatewayd.tlsconf import bind_tls
-from gatewayd.workers.spec import BoundListener, WorkerSpec
+from gatewayd.workers.spec import WorkerSpec
 
 log = logging.getLogger("gatewayd.master")
 
@@ -48,24 +47,6 @@ class HaltServer(Exception):
         super().__init__(reason)
         self.reason = reason
         self.status = status
-
-
-@dataclass
-class WorkerInfo:
-    pid: int
-    generation: int
-    heartbeat: str
-    started: float
-    ready: bool = False
-
-
-@dataclass
-class Generation:
-    number: int
-    config: GatewayConfig
-    spec_listeners: tuple[BoundListener, ...]  # built pre-fork
-    router: Router
-    workers: dict[int, WorkerInfo] = field(default_factory=dict)
 
 
 class Arbiter:
@@ -88,6 +69,8 @@ class Arbiter:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._ready_r, self._ready_w = os.pipe2(os.O_NONBLOCK)
         self.admin_pid = 0
+        self.stopped_probers: set[int] = set()
+        self.fallback_secret = os.urandom(32)  # affinity without affinity_secret_file
         self.admin_sock: socket.socket | None = None
         self.admin_address: Address | None = None
         self.next_admin_spawn = 0.0
@@ -149,6 +132,7 @@ class Arbiter:
         self._kill_overdue_retirees()
         self._maintain_workers()
         self._maintain_admin()
+        self._maintain_prober()
         self._publish_state()
 
     def _queue_signal(self, signum: int, _frame: object) -> None:
@@ -246,6 +230,7 @@ class Arbiter:
             for info in gen.workers.values():
                 self._retire(info)
             gen.workers.clear()
+            self._stop_prober(gen)
             self.generations.remove(gen)
         self.listeners.close_unused(config.binds())
         self.metrics.config_reloads.labels("success").inc()
@@ -255,15 +240,10 @@ class Arbiter:
     # -- generations and workers -------------------------------------------------------
 
     def _build_generation(self, config: GatewayConfig) -> Generation:
-        self.listeners.ensure(config.binds())
-        router = Router(config)
-        bound = tuple(
-            BoundListener(address, self.listeners.sockets[address], router.for_bind(address),
-                          bind_tls(router.for_bind(address)))
-            for address in config.binds()
-        )
-        number = self.generations[-1].number + 1 if self.generations else 1
-        generation = Generation(number, config, bound, router)
+        previous = self.generations[-1] if self.generations else None
+        number = previous.number + 1 if previous else 1
+        generation = generations.build(config, self.listeners, number, previous,
+                                       self.fallback_secret)
         self._publish_config_gauges(config)
         self.generations.append(generation)
         return generation
@@ -284,11 +264,13 @@ class Arbiter:
         ok = len(generation.workers) >= self.worker_count and all(
             w.ready for w in generation.workers.values())
         if ok:
+            self._spawn_prober(generation)
             return True
         for info in list(generation.workers.values()):
             self._kill(info.pid, signal.SIGKILL)
         self._reap_blocking(list(generation.workers))
         generation.workers.clear()
+        generations.remove_files(generation)
         if boot:
             raise HaltServer("workers failed to boot (see the log above)", EXIT_BOOT)
         return False
@@ -298,7 +280,9 @@ class Arbiter:
         heartbeat = os.path.join(generation.config.server.runtime_dir,
                                  f"worker-{self.seq}.heartbeat")
         spec = WorkerSpec(generation.config, generation.router, generation.spec_listeners,
-                          heartbeat, self._ready_w, self.pid, generation.number)
+                          heartbeat, self._ready_w, self.pid, generation.number,
+                          generation.health_path, generation.targets, generation.secret,
+                          generation.draining)
         pid = os.fork()
         if pid:
             generation.workers[pid] = WorkerInfo(pid, generation.number, heartbeat,
@@ -364,6 +348,14 @@ class Arbiter:
             if pid == self.admin_pid:
                 log.warning("admin process %d exited (%s)", pid, _describe(code))
                 self.admin_pid = 0
+                continue
+            if pid in self.stopped_probers:
+                self.stopped_probers.discard(pid)
+                continue
+            prober_of = [gen for gen in self.generations if gen.prober_pid == pid]
+            if prober_of:
+                log.warning("prober %d exited (%s)", pid, _describe(code))
+                prober_of[0].prober_pid = 0
                 continue
             if pid in self.retiring:
                 _unlink(self.retiring.pop(pid)[0].heartbeat)
@@ -435,6 +427,43 @@ class Arbiter:
         systemd.notify("READY=1", f"STATUS=serving: {len(current.workers)} workers, "
                                   f"generation {current.number}")
 
+    # -- the prober (one per generation) ---------------------------------------------
+
+    def _spawn_prober(self, generation: Generation) -> None:
+        if not generation.targets:
+            return
+        generation.next_prober_spawn = time.monotonic() + 1.0  # restarts: at most 1/s
+        pid = os.fork()
+        if pid:
+            generation.prober_pid = pid
+            return
+        status = EXIT_RUNTIME
+        try:
+            self._become_child(keep=[])
+            from gatewayd.workers.prober import run_prober
+
+            status = run_prober(generation.config, generation.health_path,
+                                list(generation.targets), self.pid)
+        except BaseException:
+            log.exception("prober failed")
+        finally:
+            os._exit(status)
+
+    def _maintain_prober(self) -> None:
+        if not self.generations:
+            return
+        current = self.generations[-1]
+        if (not current.prober_pid and current.targets and current.workers
+                and time.monotonic() >= current.next_prober_spawn):
+            self._spawn_prober(current)
+
+    def _stop_prober(self, generation: Generation) -> None:
+        if generation.prober_pid:
+            self.stopped_probers.add(generation.prober_pid)
+            self._kill(generation.prober_pid, signal.SIGTERM)
+            generation.prober_pid = 0
+        generations.remove_files(generation)
+
     # -- admin process, state and gauges ------------------------------------------------
 
     def _bind_admin(self, config: GatewayConfig) -> None:
@@ -492,16 +521,11 @@ class Arbiter:
         self.metrics.workers.set(ready)
 
     def _publish_config_gauges(self, config: GatewayConfig) -> None:
-        """Certificate expiry of listeners; pools as healthy (no probes yet)."""
+        """Certificate expiry of listeners (backend health gauges are the prober's)."""
         for listener in config.listeners:
             if listener.certificate is not None:
                 self.metrics.certificate_not_after.labels("listener", listener.name).set(
                     listener.certificate.not_after)
-        for pool in config.backend_pools.values():
-            for server in pool.servers:
-                self.metrics.backend_healthy.labels(pool.name, server).set(1)
-            self.metrics.healthy_hosts.labels(pool.name).set(len(pool.servers))
-            self.metrics.unhealthy_hosts.labels(pool.name).set(0)
 
     # -- stop -------------------------------------------------------------------------
 
@@ -513,6 +537,7 @@ class Arbiter:
             self.retiring)
         if self.admin_pid:
             workers.append(self.admin_pid)
+        workers += [gen.prober_pid for gen in self.generations if gen.prober_pid]
         self.listeners.close_all()
         for pid in workers:
             self._kill(pid, sig)
@@ -542,6 +567,7 @@ class Arbiter:
         for gen in self.generations:
             for info in gen.workers.values():
                 _unlink(info.heartbeat)
+            generations.remove_files(gen)
 
     def _write_pidfile(self) -> None:
         path = self.config.server.pidfile

@@ -92,6 +92,16 @@ class Listener:
     require_sni: bool = False
     x_forwarded_for_port: bool = False
     line: int = 0  # where the [[listener]] table starts in the file (for messages)
+    # Mutual TLS: "none" | "optional" | "required"; the concatenated PEM of `client_ca`;
+    # RFC 4514 issuer names a client certificate's issuer must be one of (empty = any).
+    client_auth: str = "none"
+    client_ca_pem: bytes = b""
+    client_allowed_issuers: tuple[str, ...] = ()
+    ocsp_response_path: str = ""
+    ocsp_response: bytes = b""  # DER, read at load time like the certificate
+    watch_certificates: bool = False
+    # status → page body, gateway-made responses only (a tuple: Listener stays hashable)
+    error_pages: tuple[tuple[int, bytes], ...] = ()
 
     @property
     def is_basic(self) -> bool:
@@ -155,20 +165,71 @@ DEFAULT_PROBE = Probe(name="")
 
 @dataclass(frozen=True, slots=True)
 class PathRule:
+    """`backend_pool`/`backend_settings` are "" when the path rule redirects."""
+
     name: str
     paths: tuple[str, ...]  # patterns: "/x/*", "/x*", "/x"
     backend_pool: str
     backend_settings: str
+    redirect: str = ""  # name of a [[redirect]], instead of a pool
+    rewrite_set: str = ""  # name of a [[rewrite_set]]
 
 
 @dataclass(frozen=True, slots=True)
 class Rule:
+    """`backend_pool`/`backend_settings` are "" when the rule's default is a redirect."""
+
     name: str
     priority: int
     listener: str
     backend_pool: str
     backend_settings: str
     path_rules: tuple[PathRule, ...] = ()
+    redirect: str = ""
+    rewrite_set: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """A `[[redirect]]` (Azure: redirect configuration).  Exactly one of
+    `target_listener` and `target_url` is set."""
+
+    name: str
+    status: int  # 301 | 302 | 303 | 307 | 308
+    target_listener: str = ""
+    target_url: str = ""
+    include_path: bool = True
+    include_query_string: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class RewriteCondition:
+    """Azure rewrite condition: `variable` (e.g. "{http_req_user_agent}") matched by
+    the regular expression `pattern` (searched, not anchored)."""
+
+    variable: str
+    pattern: str
+    ignore_case: bool = True
+    negate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RewriteRule:
+    """One rule of a rewrite set: all `conditions` must hold for the actions to run.
+    Header values may contain variables; names keep the case written."""
+
+    name: str
+    conditions: tuple[RewriteCondition, ...] = ()
+    request_headers_set: tuple[tuple[str, str], ...] = ()
+    request_headers_remove: tuple[str, ...] = ()
+    response_headers_set: tuple[tuple[str, str], ...] = ()
+    response_headers_remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RewriteSet:
+    name: str
+    rules: tuple[RewriteRule, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +245,9 @@ class GatewayConfig:
     rules: tuple[Rule, ...] = ()
     probes: dict[str, Probe] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()  # non-fatal findings (e.g. a suite OpenSSL refuses)
+    redirects: dict[str, Redirect] = field(default_factory=dict)
+    rewrite_sets: dict[str, RewriteSet] = field(default_factory=dict)
+    error_pages: dict[int, bytes] = field(default_factory=dict)  # global [error_pages]
 
     def binds(self) -> list[Address]:
         """Distinct listen addresses, in file order."""

@@ -17,7 +17,11 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from gatewayd.clientcert import normalize_dn
+from gatewayd.errorpages import ErrorPages
 from gatewayd.model import Address, GatewayConfig, Listener, PathRule, Rule
+from gatewayd.redirects import CompiledRedirect, compile_redirect
+from gatewayd.rewrites import CompiledRewriteSet
 
 __all__ = [
     "BindRouter",
@@ -137,7 +141,8 @@ class BindRouter:
     tried when it belongs to a listener that outranks the exact match.
     """
 
-    __slots__ = ("_cert_fallback", "_exact", "_named", "_wild", "basic", "bind", "listeners")
+    __slots__ = ("_cert_fallback", "_exact", "_named", "_wild", "basic", "bind",
+                 "has_client_auth", "listeners")
 
     bind: Address
     listeners: tuple[Listener, ...]
@@ -149,6 +154,7 @@ class BindRouter:
         self.listeners = tuple(listeners)
         named = tuple(listener for listener in self.listeners if not listener.is_basic)
         self._named = named
+        self.has_client_auth = any(lst.client_auth != "none" for lst in self.listeners)
         self.basic = next((lst for lst in self.listeners if lst.is_basic), None)
         exact: dict[str, int] = {}
         wild: list[tuple[int, Callable[[str], re.Match[str] | None], Listener]] = []
@@ -223,6 +229,18 @@ class BindRouter:
                 raise RoutingError(
                     421, "sni_host_mismatch", f"SNI {sni!r} and Host {host!r} differ"
                 )
+        if self.has_client_auth:
+            # Mutual TLS is decided in the handshake by the listener whose context did it
+            # (SNI match, else the fallback).  A request for another listener on that
+            # connection would either skip that listener's client-certificate check or
+            # borrow a certificate checked against other CAs: misdirected (RFC 9110
+            # §15.5.20), the client must connect with that host as SNI.
+            handshake = self.certificate_listener(sni)
+            if (handshake is not None and handshake.name != listener.name
+                    and (handshake.client_auth != "none" or listener.client_auth != "none")):
+                raise RoutingError(421, "client_cert_listener_mismatch",
+                                   f"handshake by listener {handshake.name!r}, Host selects "
+                                   f"{listener.name!r}")
         return listener
 
 
@@ -385,6 +403,8 @@ class Route:
     path_rule: PathRule | None
     backend_pool: str
     backend_settings: str
+    redirect: CompiledRedirect | None = None  # set: answer with it instead of proxying
+    rewrites: CompiledRewriteSet | None = None
 
 
 def compile_path_pattern(pattern: str) -> str:
@@ -417,13 +437,18 @@ class _RuleTable:
 
     __slots__ = ("default", "match", "routes")
 
-    def __init__(self, listener: Listener, rule: Rule) -> None:
-        self.default = Route(listener, rule, None, rule.backend_pool, rule.backend_settings)
+    def __init__(self, listener: Listener, rule: Rule, extras: _Extras | None = None) -> None:
+        extras = extras or _Extras({}, {})
+        self.default = Route(listener, rule, None, rule.backend_pool, rule.backend_settings,
+                             extras.redirects.get(rule.redirect),
+                             extras.rewrites.get(rule.rewrite_set))
         routes: list[Route] = [self.default]  # group numbers start at 1
         alternatives: list[str] = []
         for path_rule in rule.path_rules:
             route = Route(
-                listener, rule, path_rule, path_rule.backend_pool, path_rule.backend_settings
+                listener, rule, path_rule, path_rule.backend_pool, path_rule.backend_settings,
+                extras.redirects.get(path_rule.redirect),
+                extras.rewrites.get(path_rule.rewrite_set),
             )
             for pattern in path_rule.paths:
                 alternatives.append(f"({compile_path_pattern(pattern)})")
@@ -443,13 +468,31 @@ class _RuleTable:
         return self.default
 
 
-class Router:
-    """All routing tables of one config generation."""
+@dataclass(frozen=True, slots=True)
+class _Extras:
+    """Redirects and rewrite sets compiled once per generation, by name."""
 
-    __slots__ = ("_binds", "_tables", "config")
+    redirects: dict[str, CompiledRedirect]
+    rewrites: dict[str, CompiledRewriteSet]
+
+
+class Router:
+    """All routing tables of one config generation (plus its error pages)."""
+
+    __slots__ = ("_binds", "_issuers", "_tables", "config", "error_pages")
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
+        self.error_pages = ErrorPages(config)
+        self._issuers = {
+            listener.name: frozenset(normalize_dn(dn) for dn in listener.client_allowed_issuers)
+            for listener in config.listeners
+        }
+        by_name = {listener.name: listener for listener in config.listeners}
+        extras = _Extras(
+            {name: compile_redirect(r, by_name) for name, r in config.redirects.items()},
+            {name: CompiledRewriteSet(r) for name, r in config.rewrite_sets.items()},
+        )
         rules = sorted(config.rules, key=lambda rule: rule.priority)
         rule_of: dict[str, Rule] = {}
         for rule in rules:
@@ -467,10 +510,14 @@ class Router:
             for bind, entries in grouped.items()
         }
         self._tables = {
-            listener.name: _RuleTable(listener, rule_of[listener.name])
+            listener.name: _RuleTable(listener, rule_of[listener.name], extras)
             for listener in config.listeners
             if listener.name in rule_of
         }
+
+    def allowed_issuers(self, listener: str) -> frozenset[frozenset[tuple[str, str]]]:
+        """The normalised `client_allowed_issuers` of a listener (empty: any issuer)."""
+        return self._issuers.get(listener, frozenset())
 
     def for_bind(self, bind: Address) -> BindRouter:
         """The router for one listen address; KeyError if no listener binds it."""

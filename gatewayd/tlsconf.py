@@ -11,18 +11,22 @@ byte, which gives every failure the same shape and a precise reason.
 
 from __future__ import annotations
 
+import hashlib
 import ssl
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import SSL, crypto
+from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib  # only for SSL_CTX_set1_curves_list, see set_groups
 
 from gatewayd import policies
-from gatewayd.model import BackendSettings, Listener, SslPolicy
+from gatewayd.clientcert import normalize_dn
+from gatewayd.model import BackendSettings, CertificateFile, Listener, SslPolicy
 from gatewayd.routing import BindRouter
 
 _VERSIONS = {
@@ -94,19 +98,102 @@ def server_context(listener: Listener) -> SSL.Context:
     key = load_pem_private_key(listener.certificate.private_key_pem, password=None)
     ctx.use_privatekey(crypto.PKey.from_cryptography_key(key))  # type: ignore[arg-type]
     ctx.check_privatekey()
-    ctx.set_session_id(SESSION_ID_CONTEXT)
+    ctx.set_session_id(_session_id_context(listener))
     ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
     ctx.set_alpn_select_callback(_alpn_select)
+    if listener.client_auth != "none":
+        _require_client_certificates(ctx, listener)
+    if listener.ocsp_response:
+        ctx.set_ocsp_server_callback(_staple, listener.ocsp_response)
     return ctx
+
+
+def _session_id_context(listener: Listener) -> bytes:
+    """A mutual-TLS listener gets its own session id context, so that a session (or
+    ticket) from a handshake without its client-certificate check never resumes on it
+    (OpenSSL refuses resumption across contexts: SSL_CTX_set_session_id_context(3))."""
+    if listener.client_auth == "none":
+        return SESSION_ID_CONTEXT
+    digest = hashlib.sha256(f"{listener.name}/{listener.client_auth}".encode()).digest()
+    return SESSION_ID_CONTEXT + b"/" + digest[:20]
+
+
+def _staple(conn: SSL.Connection, der: bytes | None) -> bytes:
+    """OCSP stapling: OpenSSL asks only when the client sent status_request (RFC 6066
+    §8); the response was read and checked at load."""
+    return der or b""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientVerify:
+    """A listener's client-certificate verification, applied to a connection when the
+    SNI callback switches to the listener's context: OpenSSL's SSL_set_SSL_CTX keeps
+    the verify mode of the context the handshake started with (nginx re-applies it the
+    same way in its servername callback)."""
+
+    mode: int
+    callback: Callable[[SSL.Connection, crypto.X509, int, int, int], bool]
+
+
+def client_verify(listener: Listener) -> ClientVerify:
+    """VERIFY_PEER for optional and required mutual TLS; required also fails the
+    handshake without a (valid) certificate.  Optional records the verdict instead:
+    the callback accepts anything and OpenSSL keeps the chain's error for
+    `verify_result`, which becomes `X-Client-Cert-Verify: FAILED:<reason>`."""
+    if listener.client_auth == "none":
+        return ClientVerify(SSL.VERIFY_NONE, _accept_any)
+    if listener.client_auth == "optional":
+        return ClientVerify(SSL.VERIFY_PEER, _accept_any)
+    allowed = frozenset(normalize_dn(text) for text in listener.client_allowed_issuers)
+
+    def required(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int,
+                 ok: int) -> bool:
+        if not ok:
+            return False
+        if depth == 0 and allowed:
+            issuer = cert.to_cryptography().issuer.rfc4514_string()
+            return normalize_dn(issuer) in allowed
+        return True
+
+    return ClientVerify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, required)
+
+
+def _accept_any(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int,
+                ok: int) -> bool:
+    return True
+
+
+def _require_client_certificates(ctx: SSL.Context, listener: Listener) -> None:
+    """Trust `client_ca` for client chains and name its CAs in the CertificateRequest
+    (RFC 8446 §4.2.4 certificate_authorities), so clients pick the right certificate."""
+    store = ctx.get_cert_store()
+    assert store is not None
+    for ca in _load_chain(listener.client_ca_pem):
+        cert = crypto.X509.from_cryptography(ca)
+        store.add_cert(cert)
+        ctx.add_client_ca(cert)
+    verify = client_verify(listener)
+    ctx.set_verify(verify.mode, verify.callback)
+    ctx.set_verify_depth(8)
+
+
+def verify_error_string(code: int) -> str:
+    """OpenSSL's text for an X509_V_ERR_* code ("certificate has expired")."""
+    return str(_ffi.string(_lib.X509_verify_cert_error_string(code)).decode("ascii", "replace"))
 
 
 @dataclass(frozen=True, slots=True)
 class BindTLS:
-    """The contexts of one https bind: `accept_context` starts every handshake, and its
-    SNI callback switches to the listener whose host names match."""
+    """The contexts of one https bind: `accept_context` starts every handshake (and
+    owns the session cache and ticket keys: OpenSSL keeps using the first context for
+    them), and its SNI callback switches every connection to its listener's context in
+    `by_listener` — the SNI match, else the fallback listener.  Because the switch
+    always happens, replacing an entry of `by_listener` (certificate hot reload)
+    changes what new handshakes get while open connections keep their context."""
 
     accept_context: SSL.Context
     by_listener: dict[str, SSL.Context]
+    verify: dict[str, ClientVerify]
 
 
 def bind_tls(router: BindRouter) -> BindTLS | None:
@@ -114,28 +201,56 @@ def bind_tls(router: BindRouter) -> BindTLS | None:
     if not https:
         return None
     by_listener = {lst.name: server_context(lst) for lst in https}
+    verify = {lst.name: client_verify(lst) for lst in https}
     default = router.certificate_listener(None)
     assert default is not None
     accept = server_context(default)  # its own object: the callback must be set before use
-    accept.set_tlsext_servername_callback(_sni_switcher(router, by_listener))
-    return BindTLS(accept_context=accept, by_listener=by_listener)
+    accept.set_tlsext_servername_callback(_sni_switcher(router, by_listener, verify))
+    return BindTLS(accept_context=accept, by_listener=by_listener, verify=verify)
 
 
 def _sni_switcher(
-    router: BindRouter, by_listener: dict[str, SSL.Context]
+    router: BindRouter, by_listener: dict[str, SSL.Context], verify: dict[str, ClientVerify]
 ) -> Callable[[SSL.Connection], None]:
+    """OpenSSL runs the servername callback for every ClientHello, with or without SNI
+    (final_server_name in ssl/statem/extensions.c)."""
     def on_servername(conn: SSL.Connection) -> None:
         raw = conn.get_servername()
         sni = raw.decode("ascii", "replace") if raw else None
         chosen = router.listener_for_sni(sni) if sni else None
-        if chosen is None:
-            fallback = router.certificate_listener(None)
-            if fallback is not None and fallback.require_sni:
+        if chosen is None or chosen.protocol != "https":
+            chosen = router.certificate_listener(None)
+            if chosen is None:
+                return
+            if chosen.require_sni:
                 raise SNIRejected(sni or "")
-            return
         conn.set_context(by_listener[chosen.name])
+        mode = verify[chosen.name]
+        conn.set_verify(mode.mode, mode.callback)
 
     return on_servername
+
+
+def check_certificate_pair(listener: Listener, certificate: CertificateFile) -> SSL.Context:
+    """A context for `listener` with a new certificate/key pair (hot reload), or
+    ValueError saying why the pair is unusable: the old context stays in service then."""
+    from gatewayd import config_certs as certs  # the loader's checks, same messages
+
+    try:
+        chain = certs.load_pem_chain(certificate.certificate_pem, certificate.certificate_path)
+        certs.check_leaf_first(chain, certificate.certificate_path)
+        key = certs.load_private_key(certificate.private_key_pem, certificate.private_key_path)
+        certs.check_key_matches(key, chain[0], certificate.private_key_path,
+                                certificate.certificate_path)
+    except certs.FileProblem as exc:
+        raise ValueError(str(exc)) from None
+    end = certs.not_after(chain[0])
+    if end.timestamp() <= time.time():
+        raise ValueError(f"certificate {certificate.certificate_path!r} expired on {end}")
+    try:
+        return server_context(replace(listener, certificate=certificate))
+    except (SSL.Error, crypto.Error) as exc:
+        raise ValueError(f"OpenSSL refused the pair: {exc}") from None
 
 
 def client_context(settings: BackendSettings) -> SSL.Context:

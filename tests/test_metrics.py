@@ -51,6 +51,11 @@ def test_exact_counts_across_workers_and_no_counter_goes_backwards(
     spec.listeners[0]["host_names"] = ["shop.test"]
     spec.rules[0]["path_rules"] = [{"name": "evil", "paths": ["/evil/*"],
                                     "backend_pool": "evil", "backend_settings": "evil-tls"}]
+    # One probe per target during the test: probe failures count in
+    # gatewayd_backend_failures_total too (that is where an operator sees the reason).
+    spec.extra = '[[probe]]\nname = "slow"\ninterval = 3600\n'
+    for settings in spec.settings:
+        settings["probe"] = "slow"
     with Gateway(tmp_path, spec) as gw:
         def send(path: str, host: str, count: int, per_conn: int) -> list[int]:
             statuses = []
@@ -78,13 +83,17 @@ def test_exact_counts_across_workers_and_no_counter_goes_backwards(
         def settled() -> dict | None:
             samples = scrape(gw)
             ok = all(samples.get(key) == want for key, want in expected.items())
+            ok = ok and value(samples, "gatewayd_backend_failures_total",
+                              backend_pool="evil") == 8
             ok = ok and value(samples, "gatewayd_requests_total", code="404") == 3
             return samples if ok else None
 
         samples = wait_for(settled, 10, "exact request counts in /metrics")
         assert value(samples, "gatewayd_requests_total") == 110
         assert value(samples, "gatewayd_backend_failures_total", backend_pool="evil",
-                     reason="pin_mismatch") == 7
+                     reason="pin_mismatch") == 7 + 1  # 7 requests and the one probe
+        assert value(samples, "gatewayd_backend_healthy", backend_pool="evil") == 1
+        assert value(samples, "gatewayd_backend_healthy", backend_pool="good") == 1
         assert value(samples, "gatewayd_backend_responses_total", backend_pool="good",
                      code_class="2xx") == 100
         assert value(samples, "gatewayd_request_duration_seconds_count", listener="front") \

@@ -324,6 +324,11 @@ def test_live_metrics_and_a_real_prometheus(tmp_path: Path, pki: TestPKI,
     spec.listeners[0]["host_names"] = ["shop.test"]
     spec.rules[0]["path_rules"] = [{"name": "evil", "paths": ["/evil/*"],
                                     "backend_pool": "evil", "backend_settings": "evil-tls"}]
+    # Probes count their failures in gatewayd_backend_failures_total too: with an hour's
+    # interval, each generation's prober fails exactly once on the evil backend.
+    spec.extra = '[[probe]]\nname = "hourly"\ninterval = 3600\n'
+    for settings in spec.settings:
+        settings["probe"] = "hourly"
     pools = {"good": good.address, "evil": evil.address}
     with Gateway(tmp_path, spec) as gw:
         admin = gw.admin_url.removeprefix("http://")
@@ -375,7 +380,7 @@ def test_live_metrics_and_a_real_prometheus(tmp_path: Path, pki: TestPKI,
                         if "pid" in sample.labels:
                             pid_labels.add(int(sample.labels["pid"]))
                 done = (sums.get("gatewayd_requests_total") == total
-                        and sums.get("gatewayd_backend_failures_total") == 3
+                        and sums.get("gatewayd_backend_failures_total") == 3 + 2
                         and sums.get("gatewayd_config_reloads_total") == 2
                         and pid_labels == set(pids) and pids == gw.worker_pids())
                 return (text, pids) if done else None

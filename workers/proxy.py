@@ -16,13 +16,18 @@ from typing import Any
 
 from gevent import getcurrent
 
-from gatewayd import forwarding
+from gatewayd import errorpages, forwarding
+from gatewayd.backendpath import override_path
+from gatewayd.clientcert import NO_CERTIFICATE, ClientCertInfo
+from gatewayd.clientcert import describe as describe_client_cert
 from gatewayd.forwarding import ForwardContext, gateway_response, upstream_request_head
 from gatewayd.model import Listener, ServerSettings
+from gatewayd.rewrites import CompiledRewriteSet, RequestVariables
 from gatewayd.routing import BindRouter, Route, Router, RoutingError, normalize_target
-from gatewayd.tlsconf import BindTLS
+from gatewayd.tlsconf import BindTLS, verify_error_string, verify_result
 
 from .accesslog import AccessLog
+from .balancer import Balancer
 from .http1 import (
     END,
     HttpError,
@@ -42,6 +47,7 @@ from .tlsio import (
     TLSStream,
 )
 from .upstream import Upstream, UpstreamConnectError, UpstreamError, UpstreamPool
+from .websocket import is_websocket_upgrade, splice
 
 BODY_READ_TIMEOUT = 60.0  # s between two reads of a request body (nginx client_body_timeout)
 SEND_TIMEOUT = 60.0  # s a client may take to accept more of a response (nginx send_timeout)
@@ -75,6 +81,7 @@ class Runtime:
     server: ServerSettings
     router: Router
     upstreams: UpstreamPool
+    balancer: Balancer
     access_log: AccessLog
     stats: Stats
     draining: bool = False
@@ -113,6 +120,7 @@ class Connection:
         self.tls_protocol = ""
         self.tls_cipher = ""
         self.linger = False  # we close while the client may still be sending
+        self.client_cert = NO_CERTIFICATE  # mutual TLS: set after the handshake
         default = bind.router.certificate_listener(None) or bind.router.listeners[0]
         self.listener_label = default.name  # metrics: the SNI-selected listener, if any
         self._rx_key = self._tx_key = ("received_bytes", (self.listener_label,))
@@ -184,8 +192,24 @@ class Connection:
                 self.listener_label = chosen.name
         self.tls_protocol = stream.conn.get_protocol_version_name()
         self.tls_cipher = stream.conn.get_cipher_name() or ""
+        if self.bind.router.has_client_auth:
+            self.client_cert = self._client_certificate(stream)
         self.rt.stats.count("tls_handshakes", (self.listener_label, self.tls_protocol))
         return stream
+
+    def _client_certificate(self, stream: TLSStream) -> ClientCertInfo:
+        """The client certificate as the backend will be told (once per connection; a
+        resumed session carries the certificate and verdict of its full handshake)."""
+        listener = self.bind.router.certificate_listener(self.sni)
+        if listener is None or listener.client_auth == "none":
+            return NO_CERTIFICATE
+        peer = stream.conn.get_peer_certificate()
+        if peer is None:
+            return NO_CERTIFICATE
+        code = verify_result(stream.conn)
+        return describe_client_cert(
+            peer.to_cryptography(), None if code == 0 else verify_error_string(code),
+            self.rt.router.allowed_issuers(listener.name))
 
     def _not_tls(self, stream: TLSStream, first: bytes) -> None:
         """Plain HTTP on an HTTPS port gets a clear-text 400 saying so (as nginx does);
@@ -284,7 +308,14 @@ class Connection:
         except RoutingError as exc:
             return self._refuse(head, record, exc.status, exc.error_info)
         record.set_route(route)
-        uri = target.path + ("?" + target.query if target.query else "")
+        if route.redirect is not None:
+            return self._redirect(head, record, route, target.path, target.query)
+        path = target.path
+        override = self.rt.upstreams.settings(route.backend_settings).path
+        if override:
+            path = override_path(path, override,
+                                 route.path_rule.paths if route.path_rule else ())
+        uri = path + ("?" + target.query if target.query else "")
         record.uri = uri
         upstream = self._connect(head, route, record)
         if upstream is None:
@@ -293,16 +324,52 @@ class Connection:
             self._send_client(CONTINUE)
         ctx = self._forward_context(head, listener, route, upstream, record.request_id)
         framing = _request_framing(head)
-        request = upstream_request_head(head.method, uri.encode("latin-1"), head.headers, ctx,
-                                        framing)
+        headers = head.headers
+        if route.rewrites is not None:
+            headers = self._rewrite(head, record, route.rewrites, target.path, target.query)
+        record.upgrade = head.upgrade and is_websocket_upgrade(head.method, head.version,
+                                                               head.headers)
+        request = upstream_request_head(head.method, uri.encode("latin-1"), headers, ctx,
+                                        framing, upgrade=b"websocket" if record.upgrade else None)
         return self._relay(head, route, upstream, request, record)
 
+    def _rewrite(self, head: RequestHead, record: RequestRecord, rewrites: CompiledRewriteSet,
+                 path: str, query: str) -> list[tuple[bytes, bytes]]:
+        """Apply the request side of the route's rewrite set now and keep what the
+        response side needs on the record (variables see the request as received)."""
+        env = RequestVariables(
+            client_ip=self.client_ip, client_port=self.client_port,
+            host=_host_name(head.host.decode("latin-1")),
+            request_uri=head.target.decode("latin-1"), uri_path=path, query_string=query,
+            ssl_protocol=self.tls_protocol, ssl_cipher=self.tls_cipher,
+            client_certificate_fingerprint=self.client_cert.fingerprint,
+            request_headers=head.headers)
+        if rewrites.rewrites_response:
+            record.rewrite = (rewrites, env)
+        if rewrites.rewrites_request:
+            return rewrites.rewrite_request(env)
+        return head.headers
+
+    def _redirect(self, head: RequestHead, record: RequestRecord, route: Route, path: str,
+                  query: str) -> bool:
+        """Answer with the route's redirect (a gateway-made response: no rewrites)."""
+        assert route.redirect is not None
+        location = route.redirect.location(head.host.decode("latin-1"), path, query)
+        if location is None:
+            return self._refuse(head, record, 400, "redirect_without_host")
+        record.redirect = location
+        return self._refuse(head, record, route.redirect.status, "",
+                            extra_headers=((b"Location", location.encode("ascii")),))
+
     def _connect(self, head: RequestHead, route: Route, record: RequestRecord) -> Upstream | None:
-        ups = self.rt.upstreams
+        """A connection to a usable server.  A failure before any request byte was sent
+        (TCP connect, DNS, or the TLS handshake itself) is retried once on another
+        server; a trust failure (pin, name, chain) is configuration, not luck, and is not."""
+        balancer, ups = self.rt.balancer, self.rt.upstreams
+        pool, settings_name = route.backend_pool, route.backend_settings
         client_host = head.host.decode("latin-1")
         try:
-            server, cookies = ups.choose(route.backend_pool, route.backend_settings,
-                                         head.headers)
+            server, cookies = balancer.choose(pool, settings_name, head.headers)
         except IndexError:
             self._refuse(head, record, 503, "no_healthy_server")
             return None
@@ -310,27 +377,28 @@ class Connection:
         for attempt in (1, 2):
             record.backend = server.label
             try:
-                up = ups.acquire(route.backend_pool, route.backend_settings, server, client_host)
-                if up.reused:
-                    record.backend_connect_time = 0.0
-                else:
-                    record.backend_connect_time = up.connect_time
-                    self.rt.stats.observe("backend_connect", (route.backend_pool, server.label),
-                                          up.connect_time)
-                    if up.not_after:
-                        self.rt.stats.backend_not_after[server.label] = up.not_after
-                return up
-            except UpstreamConnectError as exc:
-                record.error_info = f"{exc.reason}: {exc.detail}"
-                self._backend_failed(record, exc.reason)
-                if attempt == 2 or len(ups.servers(route.backend_pool,
-                                                   route.backend_settings)) < 2:
-                    break
-                server = ups.pick(route.backend_pool, route.backend_settings, exclude=server)
+                up = ups.acquire(pool, settings_name, server, client_host)
             except UpstreamError as exc:
                 record.error_info = f"{exc.reason}: {exc.detail}"
                 self._backend_failed(record, exc.reason)
-                break
+                transient = isinstance(exc, UpstreamConnectError) or exc.reason == "tls_handshake"
+                if isinstance(exc, UpstreamConnectError):
+                    balancer.mark_down(pool, settings_name, server)
+                if attempt == 2 or not transient:
+                    break
+                try:
+                    server = balancer.pick(pool, settings_name, exclude=server)
+                except IndexError:
+                    break
+                continue
+            if up.reused:
+                record.backend_connect_time = 0.0
+            else:
+                record.backend_connect_time = up.connect_time
+                self.rt.stats.observe("backend_connect", (pool, server.label), up.connect_time)
+                if up.not_after:
+                    self.rt.stats.backend_not_after[server.label] = up.not_after
+            return up
         status = 504 if record.error_info.startswith("connect_timeout") else 502
         self._refuse(head, record, status, record.error_info)
         return None
@@ -354,6 +422,8 @@ class Connection:
             request_id=request_id,
             client_host=head.host,
             upstream_host=upstream_host,
+            client_cert_headers=self.client_cert.headers() if listener.client_auth != "none"
+            else (),
         )
 
     def _relay(
@@ -369,11 +439,11 @@ class Connection:
         sent_at = time.monotonic()
         try:
             up.stream.timeout = settings.request_timeout
-            up.stream.sendall(request)
+            _upstream_send(up, request)
             if not retry:
                 record.bytes_received += self._send_body(head, up)
             parser = ResponseParser(request_method=head.method)
-            resp, pending = self._read_response_head(up, parser)
+            resp, pending = self._read_response_head(up, parser, upgrade=record.upgrade)
         except _UpstreamGone as exc:
             up.stream.close()
             if retryable:  # the backend closed a pooled connection as we reused it
@@ -398,8 +468,43 @@ class Connection:
         backend = (route.backend_pool, up.server.label)
         stats.observe("backend_first_byte", backend, first_byte)
         stats.count("backend_responses", (*backend, CODE_CLASS[resp.status // 100]))
+        if resp.status == 101:  # only ever for a websocket upgrade we passed on
+            return self._websocket(head, resp, parser, up, record)
         keep = head.keep_alive and not self.parser.upgraded and not self.rt.draining
         return self._send_response(head, resp, pending, parser, up, record, keep)
+
+    def _websocket(self, head: RequestHead, resp: ResponseHead, parser: ResponseParser,
+                   up: Upstream, record: RequestRecord) -> bool:
+        """Pass the backend's 101 on and splice the two connections until the tunnel
+        ends; the connection (and the backend connection) close afterwards."""
+        headers = resp.headers
+        if record.rewrite is not None:
+            headers = record.rewrite[0].rewrite_response(record.rewrite[1], headers)
+        record.status = 101
+        assert self.stream is not None
+        try:
+            self._send_client(forwarding.client_response_head(
+                101, resp.reason, headers + record.add_response_headers, None, False,
+                upgrade=b"websocket"))
+            stats = self.rt.stats
+
+            def received(n: int) -> None:
+                stats.counters[self._rx_key] += n
+
+            def sent(n: int) -> None:
+                stats.counters[self._tx_key] += n
+
+            result = splice(self.stream, up.stream, to_backend=self.parser.trailing,
+                            to_client=parser.trailing,
+                            idle_timeout=self.rt.server.websocket_idle_timeout,
+                            send_timeout=SEND_TIMEOUT, on_client_bytes=received,
+                            on_backend_bytes=sent)
+            record.bytes_received += result.client_to_backend
+            record.bytes_sent = result.backend_to_client
+            record.error_info = f"websocket_closed: {result.reason}"
+        finally:
+            up.stream.close()
+        return False
 
     def _reconnect(
         self, head: RequestHead, route: Route, stale: Upstream, record: RequestRecord
@@ -453,7 +558,7 @@ class Connection:
                 raise _Abort()
 
     def _read_response_head(
-        self, up: Upstream, parser: ResponseParser
+        self, up: Upstream, parser: ResponseParser, *, upgrade: bool = False
     ) -> tuple[ResponseHead, deque[Any]]:
         pending: deque[Any] = deque()
         received = False
@@ -469,6 +574,8 @@ class Connection:
             while pending:
                 event = pending.popleft()
                 if isinstance(event, ResponseHead):
+                    if event.status == 101 and upgrade:
+                        return event, pending
                     if 100 <= event.status < 200:  # interim: drop it and its END
                         if event.status == 101:
                             raise HttpError(502, "invalid_response: unexpected 101")
@@ -498,6 +605,8 @@ class Connection:
         else:
             framing, keep = None, False  # HTTP/1.0 client: delimit by closing
         headers = resp.headers
+        if record.rewrite is not None:
+            headers = record.rewrite[0].rewrite_response(record.rewrite[1], headers)
         if record.add_response_headers:
             headers = headers + record.add_response_headers
         out = [forwarding.client_response_head(resp.status, resp.reason, headers,
@@ -544,18 +653,23 @@ class Connection:
 
     def _refuse(
         self, head: RequestHead, record: RequestRecord, status: int, info: str,
-        body_pending: bool = True,
+        body_pending: bool = True, extra_headers: tuple[tuple[bytes, bytes], ...] = (),
     ) -> bool:
-        """Answer with a gateway-made status.  Unread body → close the connection, since
-        what follows on the wire can no longer be framed safely."""
+        """Answer with a gateway-made status (with the listener's custom page, if any).
+        Unread body → close the connection, since what follows on the wire can no longer
+        be framed safely."""
         record.status = status
         record.error_info = info
         close = not head.keep_alive or self.rt.draining or status == 400 or (
             body_pending and not _no_body(head))
         self.linger = close
         extra = KEEP_ALIVE_10 if head.version == b"1.0" and not close else ()
+        page = self.rt.router.error_pages.page(record.listener, status)
+        if page is not None:
+            extra_headers = (*extra_headers, errorpages.CONTENT_TYPE)
         self._send_client(gateway_response(status, request_id=record.request_id, close=close,
-                                           head=head.method == b"HEAD", extra_headers=extra))
+                                           head=head.method == b"HEAD", body=page,
+                                           extra_headers=(*extra_headers, *extra)))
         if not close and body_pending:
             self._take_end()
         return not close
@@ -565,9 +679,12 @@ class Connection:
         record = RequestRecord(self, None)
         record.status = status
         record.error_info = info
+        # Before routing the listener is the one the handshake chose (SNI or fallback).
+        page = self.rt.router.error_pages.page(self.listener_label, status)
         try:
-            self._send_client(gateway_response(status, request_id=record.request_id,
-                                               close=close))
+            self._send_client(gateway_response(
+                status, request_id=record.request_id, close=close, body=page,
+                extra_headers=(errorpages.CONTENT_TYPE,) if page is not None else ()))
         except (StreamClosed, StreamTimeout, OSError):
             pass
         record.finish(self.rt.access_log, self.rt.stats)
@@ -605,3 +722,11 @@ def _upstream_send(up: Upstream, data: bytes) -> None:
         up.stream.sendall(data)
     except StreamClosed as exc:
         raise _UpstreamGone("reset") from exc
+
+
+def _host_name(host: str) -> str:
+    """A Host value without its port, lower-cased: what `{host}` expands to (nginx's
+    `$host`)."""
+    if host.startswith("["):
+        return host[: host.find("]") + 1].lower()
+    return (host.rpartition(":")[0] if host.count(":") == 1 else host).lower()

@@ -8,6 +8,7 @@ import time
 from typing import TYPE_CHECKING
 
 from gatewayd import forwarding
+from gatewayd.rewrites import CompiledRewriteSet, RequestVariables
 from gatewayd.routing import Route
 
 from .accesslog import AccessLog
@@ -64,10 +65,13 @@ class RequestRecord:
         "head",
         "listener",
         "path_rule",
+        "redirect",
         "request_id",
+        "rewrite",
         "rule",
         "started",
         "status",
+        "upgrade",
         "uri",
     )
 
@@ -88,6 +92,10 @@ class RequestRecord:
         self.error_info = ""
         # Set by the gateway for the client (affinity cookies, rewrites); see _send_response.
         self.add_response_headers: list[tuple[bytes, bytes]] = []
+        self.upgrade = False  # a websocket upgrade was passed on to the backend
+        self.redirect = ""  # the Location of a redirect answered by the gateway
+        # The route's rewrite set and the request's variables, when it rewrites responses.
+        self.rewrite: tuple[CompiledRewriteSet, RequestVariables] | None = None
 
     def set_route(self, route: Route) -> None:
         self.rule = route.rule.name
@@ -103,6 +111,7 @@ class RequestRecord:
                 if name.lower() == b"user-agent":
                     user_agent = value.decode("latin-1")
                     break
+        cert = conn.client_cert if conn.bind.router.has_client_auth else None
         now = time.time()
         stats.request_done(self.listener or conn.listener_label, self.rule, self.backend_pool,
                            self.status, now - self.started)
@@ -136,6 +145,11 @@ class RequestRecord:
             "sni": conn.sni or "",
             "user_agent": user_agent,
             "error_info": self.error_info,
+            "redirect_location": self.redirect,
+            "client_cert_verify": cert.verify if cert is not None else "",
+            "client_cert_subject": cert.subject if cert is not None else "",
+            "client_cert_issuer": cert.issuer if cert is not None else "",
+            "client_cert_fingerprint": cert.fingerprint if cert is not None else "",
         }, self.started)
 
 

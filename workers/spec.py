@@ -6,6 +6,8 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
+from gatewayd.affinity import Draining
+from gatewayd.health import Target
 from gatewayd.model import Address, GatewayConfig
 from gatewayd.routing import BindRouter, Router
 from gatewayd.tlsconf import BindTLS
@@ -34,3 +36,7 @@ class WorkerSpec:
     ready_fd: int
     master_pid: int
     generation: int
+    health_path: str = ""  # the generation's shared health map ("" = no prober)
+    targets: tuple[Target, ...] = ()
+    affinity_secret: bytes = b""
+    draining: tuple[Draining, ...] = ()

@@ -8,11 +8,10 @@ backend never receives a byte of the request.
 
 from __future__ import annotations
 
-import itertools
 import socket
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from gevent import socket as gsocket
 from OpenSSL import SSL
@@ -96,15 +95,11 @@ class Upstream:
 class _Target:
     settings: BackendSettings
     context: SSL.Context | None
-    servers: list[Server]
-    cursor: itertools.cycle[int] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.cursor = itertools.cycle(range(max(len(self.servers), 1)))
 
 
 class UpstreamPool:
-    """Per-worker: picks servers round-robin and keeps idle keep-alive connections."""
+    """Per-worker connections to backend servers: new ones (connect, TLS, trust) and idle
+    keep-alive ones for reuse.  Which server to use is the Balancer's business."""
 
     def __init__(
         self, pools: dict[str, BackendPool], settings: dict[str, BackendSettings]
@@ -122,34 +117,12 @@ class UpstreamPool:
         target = self._targets.get(key)
         if target is None:
             settings = self._settings[settings_name]
-            servers = [parse_server(s, settings.port) for s in self._pools[pool_name].servers]
-            target = _Target(settings, self._contexts.get(settings_name), servers)
+            target = _Target(settings, self._contexts.get(settings_name))
             self._targets[key] = target
         return target
 
     def settings(self, name: str) -> BackendSettings:
         return self._settings[name]
-
-    def servers(self, pool_name: str, settings_name: str) -> list[Server]:
-        return self._target(pool_name, settings_name).servers
-
-    def choose(
-        self, pool_name: str, settings_name: str, request_headers: list[tuple[bytes, bytes]]
-    ) -> tuple[Server, list[tuple[bytes, bytes]]]:
-        """The server for a new request, and headers to add to its response (affinity
-        cookies); IndexError when the pool has no usable server."""
-        return self.pick(pool_name, settings_name), []
-
-    def pick(self, pool_name: str, settings_name: str, exclude: Server | None = None) -> Server:
-        """Round-robin; IndexError when the pool has no server."""
-        target = self._target(pool_name, settings_name)
-        if not target.servers:
-            raise IndexError(pool_name)
-        for _ in range(len(target.servers)):
-            server = target.servers[next(target.cursor) % len(target.servers)]
-            if server != exclude or len(target.servers) == 1:
-                return server
-        return target.servers[0]
 
     def acquire(
         self, pool_name: str, settings_name: str, server: Server, client_host: str

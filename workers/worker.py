@@ -23,9 +23,12 @@ import gevent
 import gevent.pool
 from gevent.hub import get_hub
 
+from gatewayd.health import HealthMap
 from gatewayd.tlsconf import SNIRejected
 
+from . import certwatch
 from .accesslog import AccessLog
+from .balancer import Balancer
 from .proxy import BindContext, Connection, DrainWake, Runtime
 from .spec import READY, BoundListener, WorkerSpec
 from .stats import make_stats
@@ -55,6 +58,9 @@ class Worker:
             server=server,
             router=spec.router,
             upstreams=UpstreamPool(spec.config.backend_pools, spec.config.backend_settings),
+            balancer=Balancer(spec.config.backend_pools, spec.config.backend_settings,
+                              HealthMap.open(spec.health_path) if spec.health_path else None,
+                              list(spec.targets), spec.affinity_secret, spec.draining),
             access_log=AccessLog(server.access_log, server.access_log_format),
             stats=make_stats(tuple(lst.name for lst in spec.config.listeners)),
         )
@@ -78,6 +84,9 @@ class Worker:
         self.runtime.access_log.start()
         heartbeat = gevent.spawn(self._heartbeat)
         gevent.spawn(self._flush_metrics)
+        watched = certwatch.watched_listeners(self.spec.listeners)
+        if watched:  # listeners with watch_certificates = true
+            gevent.spawn(certwatch.watch_forever, watched)
         os.write(self.spec.ready_fd, READY + struct.pack("!I", os.getpid()))
         gevent.joinall(self.accepting)
         if self.drainer is not None:

@@ -1,0 +1,138 @@
+"""Which server of a pool gets a request: health, instance-wide round robin, cookie
+affinity and connection draining.
+
+- Health comes from the prober through the shared health map (gatewayd/health.py); a
+  server this worker just failed to reach is also avoided locally for a short while
+  (passive health) and the prober is asked to probe it now.
+- Round robin uses the instance-wide counter of the (pool, settings) pair in the shared
+  map, so N workers together spread connections evenly, not each on its own.
+- Affinity (`cookie_based_affinity`): a valid cookie picks its server while that server
+  is healthy, or while it drains after a reload removed it (`connection_draining_timeout`);
+  otherwise the request is balanced and the response sets a fresh cookie.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from gatewayd import affinity
+from gatewayd.affinity import Draining
+from gatewayd.health import HealthMap, Target
+from gatewayd.model import BackendPool, BackendSettings
+
+from .upstream import Server, parse_server
+
+PASSIVE_DOWN_SECONDS = 10.0  # a server this worker could not reach is skipped this long
+
+
+@dataclass(slots=True)
+class _Pair:
+    """The servers of one pool as reached through one backend settings."""
+
+    index: int
+    settings: BackendSettings
+    servers: list[Server]
+    texts: list[str]  # as written in the pool: the identity behind the cookie
+    slots: list[int]  # health-map target index per server (-1: not probed)
+    cookies: dict[str, int] = field(default_factory=dict)  # cookie value → server position
+
+
+class Balancer:
+    def __init__(self, pools: dict[str, BackendPool], settings: dict[str, BackendSettings],
+                 health: HealthMap | None, targets: list[Target], secret: bytes,
+                 draining: tuple[Draining, ...] = ()) -> None:
+        self._pools = pools
+        self._settings = settings
+        self._health = health
+        self._secret = secret
+        self._slots = {(t.pool, t.settings, t.server): t.index for t in targets}
+        self._pair_index = {(t.pool, t.settings): t.pair for t in targets}
+        self._pairs: dict[tuple[str, str], _Pair] = {}
+        self._down_until: dict[Server, float] = {}
+        self._local_turns: dict[tuple[str, str], int] = {}
+        self._draining: dict[str, dict[str, tuple[Server, float]]] = {}
+        for entry in draining:
+            value = affinity.cookie_value(secret, entry.pool, entry.server)
+            self._draining.setdefault(entry.pool, {})[value] = (
+                parse_server(entry.server, 0), entry.deadline)
+
+    def _pair(self, pool: str, settings_name: str) -> _Pair:
+        key = (pool, settings_name)
+        pair = self._pairs.get(key)
+        if pair is None:
+            settings = self._settings[settings_name]
+            texts = list(self._pools[pool].servers)
+            pair = _Pair(
+                index=self._pair_index.get(key, -1),
+                settings=settings,
+                servers=[parse_server(text, settings.port) for text in texts],
+                texts=texts,
+                slots=[self._slots.get((pool, settings_name, text), -1) for text in texts],
+            )
+            if settings.cookie_based_affinity:
+                table = affinity.value_table(self._secret, pool, texts)
+                pair.cookies = {value: texts.index(text) for value, text in table.items()}
+            self._pairs[key] = pair
+        return pair
+
+    def servers(self, pool: str, settings_name: str) -> list[Server]:
+        return self._pair(pool, settings_name).servers
+
+    def _usable(self, pair: _Pair, position: int, now: float) -> bool:
+        slot = pair.slots[position]
+        if slot >= 0 and self._health is not None and not self._health.healthy(slot):
+            return False
+        until = self._down_until.get(pair.servers[position])
+        return until is None or until < now
+
+    def choose(
+        self, pool: str, settings_name: str, request_headers: list[tuple[bytes, bytes]]
+    ) -> tuple[Server, list[tuple[bytes, bytes]]]:
+        """The server for a request and the headers to add to its response (a fresh
+        affinity cookie when one is due); IndexError when no server is usable."""
+        pair = self._pair(pool, settings_name)
+        settings = pair.settings
+        if not settings.cookie_based_affinity:
+            return self.pick(pool, settings_name), []
+        value = affinity.read_cookie(request_headers, settings.affinity_cookie_name)
+        if value is not None:
+            position = pair.cookies.get(value)
+            if position is not None and self._usable(pair, position, time.monotonic()):
+                return pair.servers[position], []
+            drained = self._draining.get(pool, {}).get(value)
+            if drained is not None and drained[1] > time.time():
+                server = drained[0]
+                if not server.port:
+                    server = Server(server.host, settings.port)
+                return server, []
+        server = self.pick(pool, settings_name)
+        position = pair.servers.index(server)
+        cookie = affinity.cookie_value(self._secret, pool, pair.texts[position])
+        return server, affinity.set_cookie_headers(settings.affinity_cookie_name, cookie)
+
+    def pick(self, pool: str, settings_name: str, exclude: Server | None = None) -> Server:
+        """Round robin over the usable servers; IndexError when there is none."""
+        pair = self._pair(pool, settings_name)
+        now = time.monotonic()
+        usable = [server for position, server in enumerate(pair.servers)
+                  if self._usable(pair, position, now) and server != exclude]
+        if not usable:
+            raise IndexError(pool)
+        return usable[self._next_turn(pair, (pool, settings_name)) % len(usable)]
+
+    def _next_turn(self, pair: _Pair, key: tuple[str, str]) -> int:
+        if self._health is not None and pair.index >= 0:
+            return self._health.next_turn(pair.index)
+        turn = self._local_turns.get(key, 0)
+        self._local_turns[key] = turn + 1
+        return turn
+
+    def mark_down(self, pool: str, settings_name: str, server: Server) -> None:
+        """Passive health: avoid `server` here for a while and ask the prober to look."""
+        self._down_until[server] = time.monotonic() + PASSIVE_DOWN_SECONDS
+        pair = self._pair(pool, settings_name)
+        if server in pair.servers and self._health is not None:
+            slot = pair.slots[pair.servers.index(server)]
+            if slot >= 0:
+                self._health.request_check(slot)
