@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 TSTAMP := $(VENV)/.installed-test
 
-.PHONY: run test lint typecheck check system-deps clean
+.PHONY: run test lint typecheck check system-deps bench clean fuzz
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -36,15 +36,38 @@ typecheck: $(TSTAMP)
 
 ## Debian tools the live tests use: curl and openssl s_client as independent clients, wrk as
 ## the load generator of the reload tests, systemd-analyze to verify the unit files.
-DEBIAN_TEST_PACKAGES := curl openssl wrk systemd prometheus
+DEBIAN_TEST_PACKAGES := curl openssl wrk systemd prometheus testssl.sh
 system-deps:
 	@missing=""; \
-	for tool in curl openssl wrk systemd-analyze promtool prometheus; do command -v $$tool >/dev/null || missing=1; done; \
+	for tool in curl openssl wrk systemd-analyze promtool prometheus testssl; do command -v $$tool >/dev/null || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages: $(DEBIAN_TEST_PACKAGES)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	    $(DEBIAN_TEST_PACKAGES) >/dev/null; \
 	fi
+
+## make fuzz: the property tests of tests/test_fuzz.py with many more examples (fuzz/README.md)
+FUZZ_EXAMPLES ?= 200000
+fuzz: $(TSTAMP)
+	GATEWAYD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider \
+	  --hypothesis-show-statistics tests/test_fuzz.py
+
+## make bench: gatewayd vs nginx vs HAProxy (and the backend alone) on this machine; writes
+## bench/RESULTS.md (raw JSON in bench/out/).  BENCH_ARGS=--quick for a short development run.
+## Not part of `make test`: timings belong here only.  See bench/README.md.
+DEBIAN_BENCH_PACKAGES := nginx-light haproxy wrk openssl util-linux
+bench: $(TSTAMP)
+	@missing=""; \
+	for tool in nginx haproxy wrk openssl taskset; do command -v $$tool >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $(DEBIAN_BENCH_PACKAGES)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    $(DEBIAN_BENCH_PACKAGES) >/dev/null; \
+	fi
+	@[ -x bench/.venv/bin/mitmdump ] || { $(PYTHON) -m venv bench/.venv && \
+	  bench/.venv/bin/pip install --quiet mitmproxy; } || \
+	  echo "bench: mitmproxy could not be installed; its comparison is skipped"
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -25,6 +25,8 @@ setup(
             "trustme>=1.1,<2",
             "ruff>=0.6",
             "mypy>=1.10",
+            "hypothesis>=6.100,<7",
+            "websockets>=13,<18",
         ],
     },
     entry_points={"console_scripts": ["gatewayd = gatewayd.cli:main"]},

@@ -193,7 +193,9 @@ class _GatewayLoader(Loader):
             if None in (name, priority, listener, pool, settings, redirect, rewrite_set) \
                     or path_rules is None:
                 continue
-            assert name and priority and listener and pool is not None and settings is not None
+            if not name:
+                continue  # an empty name is reported by `array`
+            assert priority and listener and pool is not None and settings is not None
             assert redirect is not None and rewrite_set is not None
             rules.append(Rule(name, priority, listener, pool, settings, path_rules,
                               redirect=redirect, rewrite_set=rewrite_set))
@@ -264,7 +266,7 @@ class _GatewayLoader(Loader):
         rules = data.get("rule", [])
         referenced = {
             rule.get("listener") for rule in (rules if isinstance(rules, list) else [])
-            if isinstance(rule, dict)
+            if isinstance(rule, dict) and isinstance(rule.get("listener"), str)
         }
         listeners = data.get("listener", [])
         if not isinstance(listeners, list):

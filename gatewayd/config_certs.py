@@ -41,6 +41,8 @@ def read_file(path: str, shown: str) -> bytes:
         raise FileProblem(f"permission denied reading {shown!r}") from None
     except IsADirectoryError:
         raise FileProblem(f"{shown!r} is a directory, not a file") from None
+    except ValueError:  # open() refuses a path with a NUL byte
+        raise FileProblem(f"invalid file name {shown!r}") from None
     except OSError as exc:
         reason = exc.strerror or errno.errorcode.get(exc.errno or 0, "error")
         raise FileProblem(f"cannot read {shown!r}: {reason}") from None

@@ -323,7 +323,10 @@ class Loader:
             name = item.get("name")
             label = name if isinstance(name, str) and name else str(position)
             path = None if base.path is None else (*base.path, position)
-            items.append((Where(path, f"{base.label}[{label}]"), item))
+            where = Where(path, f"{base.label}[{label}]")
+            if name == "":
+                self.report.error(where.key("name"), "must not be empty")
+            items.append((where, item))
         names = [item["name"] for _, item in items if isinstance(item.get("name"), str)]
         self.names[key] = self.names.get(key, []) + names
         return items

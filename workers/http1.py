@@ -54,6 +54,8 @@ _NO_BODY_STATUS = frozenset((204, 304))
 _SPECIAL_LENS = frozenset((4, 6, 14, 17))
 
 
+_REASON_CHARS = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
+
 class HttpError(Exception):
     """The peer sent something we refuse; the connection must be closed after answering.
 
@@ -691,6 +693,8 @@ class ResponseParser:
         self._reason += reason
         if len(self._reason) > 8192:
             self._fail("status_line_too_long")
+        if reason.translate(None, _REASON_CHARS):
+            self._fail("bad reason phrase")  # only HTAB, SP, VCHAR, obs-text (RFC 9112 §4)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._state != _HEAD:  # trailers: bounded by the same limits, then dropped

@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import struct
+import time
 import sys
 from types import TracebackType
 
@@ -101,6 +102,7 @@ class Worker:
         watcher = get_hub().loop.io(listen.fileno(), 1)
         rt = self.runtime
         pool = self.pool
+        failures, last_warning = 0, 0.0
         try:
             while not self.stopping:
                 try:
@@ -109,7 +111,11 @@ class Worker:
                     get_hub().wait(watcher)
                     continue
                 except OSError as exc:  # EMFILE etc.: back off instead of spinning
-                    log.warning("accept failed: %s", exc)
+                    failures += 1
+                    now = time.monotonic()
+                    if now - last_warning >= 1.0:  # one line a second, not one per retry
+                        log.warning("accept failed (%d times): %s", failures, exc)
+                        last_warning, failures = now, 0
                     gevent.sleep(0.1)
                     continue
                 pool.spawn(_serve, rt, ctx, sock, addr)
