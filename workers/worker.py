@@ -16,8 +16,8 @@ import os
 import signal
 import socket
 import struct
-import time
 import sys
+import time
 from types import TracebackType
 
 import gevent
