@@ -31,12 +31,13 @@ from gatewayd.config import ConfigError, load_config
 from gatewayd.generation import Generation, WorkerInfo
 from gatewayd.listeners import BindError, ListenerSet, bind
 from gatewayd.model import Address, GatewayConfig
-from gatewayd.workers.spec import WorkerSpec
+from gatewayd.workers.spec import STOPPED_ACCEPTING, WorkerSpec
 
 log = logging.getLogger("gatewayd.master")
 
 EXIT_OK, EXIT_RUNTIME, EXIT_BOOT, EXIT_CONFIG = 0, 1, 3, 4
 BOOT_TIMEOUT = 30.0
+QUIESCE_TIMEOUT = 2.0  # s a reload waits for old workers to stop accepting
 SIGNALS = ("HUP", "QUIT", "INT", "TERM", "TTIN", "TTOU", "USR1", "CHLD")
 
 
@@ -70,6 +71,7 @@ class Arbiter:
         self._ready_r, self._ready_w = os.pipe2(os.O_NONBLOCK)
         self.admin_pid = 0
         self.stopped_probers: set[int] = set()
+        self.quiesced: set[int] = set()  # retiring workers that no longer accept
         self.fallback_secret = os.urandom(32)  # affinity without affinity_secret_file
         self.admin_sock: socket.socket | None = None
         self.admin_address: Address | None = None
@@ -233,6 +235,7 @@ class Arbiter:
             self._stop_prober(gen)
             self.generations.remove(gen)
         self.listeners.close_unused(config.binds())
+        self._wait_quiesced(QUIESCE_TIMEOUT)
         self.metrics.config_reloads.labels("success").inc()
         log.info("reloaded: generation %d serving", generation.number)
         self._notify_ready()
@@ -322,13 +325,30 @@ class Arbiter:
         self.retiring[info.pid] = (info, deadline)
         self._kill(info.pid, signal.SIGTERM)
 
+    def _wait_quiesced(self, timeout: float) -> None:
+        """Until every retiring worker has stopped accepting (it writes STOPPED_ACCEPTING
+        once its listen sockets are closed) or exited: only then does the new config
+        serve every new connection, so only then is the reload reported done."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._read_ready()
+            self._reap()
+            if all(pid in self.quiesced for pid in self.retiring):
+                break
+            self._wait_for_events(0.01)
+        self.quiesced &= set(self.retiring)
+
     def _read_ready(self) -> None:
         try:
             data = os.read(self._ready_r, 4096)
         except BlockingIOError:
             return
         for offset in range(0, len(data) - 4, 5):
+            kind = data[offset:offset + 1]
             (pid,) = struct.unpack("!I", data[offset + 1: offset + 5])
+            if kind == STOPPED_ACCEPTING:
+                self.quiesced.add(pid)
+                continue
             for gen in self.generations:
                 if pid in gen.workers:
                     gen.workers[pid].ready = True

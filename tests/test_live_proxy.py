@@ -159,10 +159,12 @@ def test_gateway_statuses_404_502_503_504(tmp_path: Path, pki, backend_factory) 
         assert get("/empty") == 503
         assert get("/slow?delay=3") == 504
         assert get("/") == 200
-        infos = {r["uri"]: r["error_info"] for r in gw.log_records()}
-        assert infos["/dead"].startswith("connect_refused")
-        assert infos["/empty"] == "no_healthy_server"
-        assert infos["/slow?delay=3"] == "response_timeout"
+        def info(uri: str) -> str:  # the log is written in batches: wait for the line
+            return str(gw.wait_log(lambda r: r["uri"] == uri)["error_info"])
+
+        assert info("/dead").startswith("connect_refused")
+        assert info("/empty") == "no_healthy_server"
+        assert info("/slow?delay=3") == "response_timeout"
 
 
 def test_chunked_upload_and_backend_keepalive_reuse(tmp_path: Path, pki,

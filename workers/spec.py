@@ -13,6 +13,7 @@ from gatewayd.routing import BindRouter, Router
 from gatewayd.tlsconf import BindTLS
 
 READY = b"R"  # + 4-byte pid, written to the master's ready pipe once a worker serves
+STOPPED_ACCEPTING = b"S"  # + 4-byte pid, once a draining worker has closed its listeners
 
 
 @dataclass(frozen=True, slots=True)

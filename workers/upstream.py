@@ -13,13 +13,13 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from gevent import socket as gsocket
 from OpenSSL import SSL
 
 from gatewayd.model import BackendPool, BackendSettings
 from gatewayd.tlsconf import client_context, verify_result
 from gatewayd.trust import TrustFailure, check_backend, is_ip_literal, sni_for
 
+from .resolver import Resolver
 from .tlsio import (
     PlainStream,
     Stream,
@@ -111,6 +111,17 @@ class UpstreamPool:
         self._settings = settings
         self._targets: dict[tuple[str, str], _Target] = {}
         self._idle: dict[tuple[str, int, str, str], deque[Upstream]] = {}
+        self.resolver = Resolver()
+
+    def server_names(self) -> list[tuple[str, int]]:
+        """Every (host, port) this worker may connect to, for the resolver's refresh."""
+        names: dict[tuple[str, int], None] = {}
+        for pool in self._pools.values():
+            for settings in self._settings.values():
+                for text in pool.servers:
+                    server = parse_server(text, settings.port)
+                    names.setdefault((server.host, server.port), None)
+        return list(names)
 
     def _target(self, pool_name: str, settings_name: str) -> _Target:
         key = (pool_name, settings_name)
@@ -196,10 +207,9 @@ class UpstreamPool:
             up.not_after = leaf.not_valid_after_utc.timestamp()
         return up
 
-    @staticmethod
-    def _open(server: Server, timeout: float) -> socket.socket:
+    def _open(self, server: Server, timeout: float) -> socket.socket:
         try:
-            infos = gsocket.getaddrinfo(server.host, server.port, 0, socket.SOCK_STREAM)
+            infos = self.resolver.resolve(server.host, server.port)
         except OSError as exc:
             raise UpstreamConnectError("dns", str(exc), server.label) from exc
         last: UpstreamConnectError | None = None

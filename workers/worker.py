@@ -31,7 +31,7 @@ from . import certwatch
 from .accesslog import AccessLog
 from .balancer import Balancer
 from .proxy import BindContext, Connection, DrainWake, Runtime
-from .spec import READY, BoundListener, WorkerSpec
+from .spec import READY, STOPPED_ACCEPTING, BoundListener, WorkerSpec
 from .stats import make_stats
 from .upstream import UpstreamPool
 
@@ -83,6 +83,8 @@ class Worker:
         for bound in self.spec.listeners:
             self.accepting.append(gevent.spawn(self._accept_loop, bound))
         self.runtime.access_log.start()
+        upstreams = self.runtime.upstreams
+        gevent.spawn(upstreams.resolver.refresh_forever, upstreams.server_names())
         heartbeat = gevent.spawn(self._heartbeat)
         gevent.spawn(self._flush_metrics)
         watched = certwatch.watched_listeners(self.spec.listeners)
@@ -159,6 +161,10 @@ class Worker:
             greenlet.kill(block=False)
         for bound in self.spec.listeners:
             bound.sock.close()
+        try:  # tell the master: new connections now only reach the new generation
+            os.write(self.spec.ready_fd, STOPPED_ACCEPTING + struct.pack("!I", os.getpid()))
+        except OSError:
+            pass
         loop = get_hub().loop
         for idle in list(self.runtime.idle):
             loop.run_callback(self._wake_if_idle, idle)
