@@ -58,7 +58,16 @@ def build(config: GatewayConfig, listeners: ListenerSet, number: int,
     )
     targets = tuple(health.targets(config))
     path = os.path.join(config.server.runtime_dir, f"health-{number}.bin")
-    HealthMap.create(path, len(targets), len(health.pairs(config))).close()
+    health_map = HealthMap.create(path, len(targets), len(health.pairs(config)))
+    if previous is not None:
+        try:
+            old = HealthMap.open(previous.health_path)
+        except (OSError, ValueError):
+            pass  # nothing to carry over
+        else:
+            health_map.copy_verdicts(old, list(previous.targets), list(targets))
+            old.close()
+    health_map.close()
     secret_file = config.server.affinity_secret_file
     secret = affinity.load_secret(secret_file) if secret_file else fallback_secret
     return Generation(number, config, bound, router, targets, path, secret,

@@ -11,8 +11,9 @@ the instance-wide round-robin counters, so balancing spreads across the instance
 than per worker.  Counter updates are read-add-write without a lock: a lost increment
 only repeats a server once, which is harmless for balancing.
 
-Layout: a header, then one 4-byte slot per target (state, reason, check-now, spare),
-then one 8-byte round-robin counter per (pool, settings) pair.
+Layout: a header, then one 4-byte slot per target (state, reason, check-now, a success
+counter that lets workers lift a passive "down" mark as soon as a probe succeeds), then
+one 8-byte round-robin counter per (pool, settings) pair.
 """
 
 from __future__ import annotations
@@ -116,6 +117,25 @@ class HealthMap:
         base = self._slots + index * SLOT
         self._mm[base + 1] = 0 if healthy else _REASON_CODES.get(reason, 0)
         self._mm[base] = HEALTHY if healthy else UNHEALTHY
+
+    def successes(self, index: int) -> int:
+        return self._mm[self._slots + index * SLOT + 3]
+
+    def count_success(self, index: int) -> None:
+        offset = self._slots + index * SLOT + 3
+        self._mm[offset] = (self._mm[offset] + 1) & 0xFF
+
+    def copy_verdicts(self, old: HealthMap, old_targets: list[Target],
+                      new_targets: list[Target]) -> None:
+        """Carry verdicts of unchanged targets into a new generation's map, so a reload
+        does not send traffic to a dead server until it is probed again."""
+        where = {(t.pool, t.settings, t.server): t.index for t in old_targets}
+        for target in new_targets:
+            index = where.get((target.pool, target.settings, target.server))
+            if index is not None and index < old.n_targets:
+                state = old.state(index)
+                if state != UNKNOWN:
+                    self.set(target.index, state == HEALTHY, old.reason(index))
 
     # -- passive health (workers ask, the prober answers) ------------------------------
 

@@ -50,6 +50,7 @@ class Balancer:
         self._pair_index = {(t.pool, t.settings): t.pair for t in targets}
         self._pairs: dict[tuple[str, str], _Pair] = {}
         self._down_until: dict[Server, float] = {}
+        self._down_seen: dict[Server, tuple[int, int]] = {}  # slot, prober successes then
         self._local_turns: dict[tuple[str, str], int] = {}
         self._draining: dict[str, dict[str, tuple[Server, float]]] = {}
         for entry in draining:
@@ -81,10 +82,20 @@ class Balancer:
 
     def _usable(self, pair: _Pair, position: int, now: float) -> bool:
         slot = pair.slots[position]
-        if slot >= 0 and self._health is not None and not self._health.healthy(slot):
+        health = self._health
+        if slot >= 0 and health is not None and not health.healthy(slot):
             return False
-        until = self._down_until.get(pair.servers[position])
-        return until is None or until < now
+        server = pair.servers[position]
+        until = self._down_until.get(server)
+        if until is None:
+            return True
+        seen = self._down_seen.get(server)
+        if until < now or (seen is not None and health is not None
+                           and health.successes(seen[0]) != seen[1]):
+            del self._down_until[server]  # expired, or the prober reached it since
+            self._down_seen.pop(server, None)
+            return True
+        return False
 
     def choose(
         self, pool: str, settings_name: str, request_headers: list[tuple[bytes, bytes]]
@@ -135,4 +146,15 @@ class Balancer:
         if server in pair.servers and self._health is not None:
             slot = pair.slots[pair.servers.index(server)]
             if slot >= 0:
+                self._down_seen[server] = (slot, self._health.successes(slot))
                 self._health.request_check(slot)
+
+    def cookie_headers(self, pool: str, settings_name: str,
+                       server: Server) -> list[tuple[bytes, bytes]]:
+        """A fresh affinity cookie for `server` (after a retry moved the request)."""
+        pair = self._pair(pool, settings_name)
+        if not pair.settings.cookie_based_affinity or server not in pair.servers:
+            return []
+        text = pair.texts[pair.servers.index(server)]
+        value = affinity.cookie_value(self._secret, pool, text)
+        return affinity.set_cookie_headers(pair.settings.affinity_cookie_name, value)

@@ -14,11 +14,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 from dataclasses import dataclass
 
 import gevent
-from gevent import socket as gsocket
 from gevent.event import Event
 
 from gatewayd import metrics
@@ -28,6 +26,7 @@ from gatewayd.tlsconf import client_context, verify_result
 from gatewayd.trust import TrustFailure, check_backend, is_ip_literal
 
 from .http1 import END, HttpError, ResponseHead, ResponseParser
+from .resolver import Resolver
 from .tlsio import (
     PlainStream,
     Stream,
@@ -57,8 +56,10 @@ class _Watch:
     settings: BackendSettings
     probe: Probe
     wake: Event
+    label: str  # host:port, as the workers' metrics name the server
     failures: int = 0
     healthy: bool | None = None
+    reason: str = ""
 
 
 def run_prober(config: GatewayConfig, health_path: str, targets: list[Target],
@@ -79,6 +80,7 @@ class Prober:
         self.health = health
         self.master_pid = master_pid
         self.metrics = metrics.setup()
+        self.resolver = Resolver()
         self.contexts = {name: client_context(s) for name, s in config.backend_settings.items()
                          if s.protocol == "https"}
         self.watches = []
@@ -86,13 +88,17 @@ class Prober:
             settings = config.backend_settings[target.settings]
             probe = config.probes.get(settings.probe, DEFAULT_PROBE) if settings.probe \
                 else DEFAULT_PROBE
-            self.watches.append(_Watch(target, settings, probe, Event()))
+            label = parse_server(target.server, settings.port).label
+            self.watches.append(_Watch(target, settings, probe, Event(), label))
 
     def run(self) -> None:
         for watch in self.watches:  # not probed yet counts as healthy (Azure does too)
             self._publish(watch, True, "")
         for watch in self.watches:
             gevent.spawn(self._probe_forever, watch)
+        names = sorted({parse_server(w.target.server, w.settings.port) for w in self.watches},
+                       key=lambda server: server.label)
+        gevent.spawn(self.resolver.refresh_forever, [(s.host, s.port) for s in names])
         while os.getppid() == self.master_pid:
             for index in self.health.take_check_requests():
                 if index < len(self.watches):
@@ -116,6 +122,7 @@ class Prober:
 
     def _succeeded(self, watch: _Watch) -> None:
         watch.failures = 0
+        self.health.count_success(watch.target.index)  # lifts workers' passive marks
         if watch.healthy is False:
             log.warning("backend %s/%s is healthy again", watch.target.pool,
                         watch.target.server)
@@ -124,20 +131,27 @@ class Prober:
     def _failed(self, watch: _Watch, exc: ProbeFailed) -> None:
         watch.failures += 1
         target = watch.target
-        self.metrics.backend_failures.labels(target.pool, target.server, exc.reason).inc()
-        if watch.failures >= watch.probe.unhealthy_threshold and watch.healthy is not False:
+        self.metrics.backend_failures.labels(target.pool, watch.label, exc.reason).inc()
+        if watch.failures < watch.probe.unhealthy_threshold:
+            return
+        if watch.healthy is not False:
             log.warning("backend %s/%s is unhealthy after %d failed probes: %s",
-                        target.pool, target.server, watch.failures, exc)
+                        target.pool, watch.label, watch.failures, exc)
+            self._publish(watch, False, exc.reason)
+        elif watch.reason != exc.reason:
+            log.warning("backend %s/%s is still unhealthy, now: %s", target.pool,
+                        watch.label, exc)
             self._publish(watch, False, exc.reason)
 
     def _publish(self, watch: _Watch, healthy: bool, reason: str) -> None:
         watch.healthy = healthy
+        watch.reason = reason
         target = watch.target
         self.health.set(target.index, healthy, reason)
-        self.metrics.backend_healthy.labels(target.pool, target.server).set(1 if healthy else 0)
+        self.metrics.backend_healthy.labels(target.pool, watch.label).set(1 if healthy else 0)
         pool_watches = [w for w in self.watches if w.target.pool == target.pool]
-        unhealthy = {w.target.server for w in pool_watches if w.healthy is False}
-        servers = {w.target.server for w in pool_watches}
+        unhealthy = {w.label for w in pool_watches if w.healthy is False}
+        servers = {w.label for w in pool_watches}
         self.metrics.healthy_hosts.labels(target.pool).set(len(servers - unhealthy))
         self.metrics.unhealthy_hosts.labels(target.pool).set(len(unhealthy))
 
@@ -163,17 +177,22 @@ class Prober:
             raise ProbeFailed("body_mismatch", f"body lacks {probe.match_body!r}")
 
     def _connect(self, settings: BackendSettings, probe: Probe, host: str, port: int) -> Stream:
-        try:
-            infos = gsocket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        try:  # cached, refreshed, last good kept: a DNS blip does not fail every probe
+            infos = self.resolver.resolve(host, port)
         except OSError as exc:
             raise ProbeFailed("dns", str(exc)) from exc
-        family, _, _, _, sockaddr = infos[0]
-        try:
-            sock = open_tcp(sockaddr, family, settings.connect_timeout)
-        except StreamTimeout as exc:
-            raise ProbeFailed("connect_timeout", "connect timed out") from exc
-        except OSError as exc:
-            raise ProbeFailed("connect_refused", str(exc)) from exc
+        sock = None
+        failure = ProbeFailed("connect_refused", "no address")
+        for family, _, _, _, sockaddr in infos:  # every address, as requests do
+            try:
+                sock = open_tcp(sockaddr, family, settings.connect_timeout)
+                break
+            except StreamTimeout:
+                failure = ProbeFailed("connect_timeout", "connect timed out")
+            except OSError as exc:
+                failure = ProbeFailed("connect_refused", str(exc))
+        if sock is None:
+            raise failure
         protocol = probe.protocol or settings.protocol
         if protocol == "http":
             return PlainStream(sock)

@@ -24,7 +24,7 @@ from gatewayd.forwarding import ForwardContext, gateway_response, upstream_reque
 from gatewayd.model import Listener, ServerSettings
 from gatewayd.rewrites import CompiledRewriteSet, RequestVariables
 from gatewayd.routing import BindRouter, Route, Router, RoutingError, normalize_target
-from gatewayd.tlsconf import BindTLS, verify_error_string, verify_result
+from gatewayd.tlsconf import BindTLS
 
 from .accesslog import AccessLog
 from .balancer import Balancer
@@ -204,11 +204,10 @@ class Connection:
         if listener is None or listener.client_auth == "none":
             return NO_CERTIFICATE
         peer = stream.conn.get_peer_certificate()
-        if peer is None:
+        if peer is None or self.bind.tls is None:
             return NO_CERTIFICATE
-        code = verify_result(stream.conn)
         return describe_client_cert(
-            peer.to_cryptography(), None if code == 0 else verify_error_string(code),
+            peer.to_cryptography(), self.bind.tls.verify[listener.name].verdict(stream.conn),
             self.rt.router.allowed_issuers(listener.name))
 
     def _not_tls(self, stream: TLSStream, first: bytes) -> None:
@@ -373,7 +372,7 @@ class Connection:
         except IndexError:
             self._refuse(head, record, 503, "no_healthy_server")
             return None
-        record.add_response_headers.extend(cookies)
+        first_choice = server
         for attempt in (1, 2):
             record.backend = server.label
             try:
@@ -391,6 +390,9 @@ class Connection:
                 except IndexError:
                     break
                 continue
+            if server != first_choice:  # a retry moved the request: so moves the session
+                cookies = balancer.cookie_headers(pool, settings_name, server)
+            record.add_response_headers.extend(cookies)
             if up.reused:
                 record.backend_connect_time = 0.0
             else:
@@ -399,8 +401,9 @@ class Connection:
                 if up.not_after:
                     self.rt.stats.backend_not_after[server.label] = up.not_after
             return up
-        status = 504 if record.error_info.startswith("connect_timeout") else 502
-        self._refuse(head, record, status, record.error_info)
+        # Unreachable after the retry: 502 (a connect timeout too: the backend never got
+        # the request, which is what 504 "backend timeout" would claim).
+        self._refuse(head, record, 502, record.error_info)
         return None
 
     def _forward_context(
