@@ -22,13 +22,14 @@ from gatewayd.trust import TrustFailure, check_backend, is_ip_literal, sni_for
 
 
 def pairs(config: GatewayConfig) -> list[tuple[str, str]]:
-    """Every (backend_pool, backend_settings) combination some rule can route to."""
+    """Every (backend_pool, backend_settings) combination some rule can route to
+    (a redirect has no pool: "")."""
     seen: dict[tuple[str, str], None] = {}
     for rule in config.rules:
         seen.setdefault((rule.backend_pool, rule.backend_settings), None)
         for path_rule in rule.path_rules:
             seen.setdefault((path_rule.backend_pool, path_rule.backend_settings), None)
-    return list(seen)
+    return [pair for pair in seen if pair[0]]
 
 
 def check_all(config: GatewayConfig, out: TextIO) -> bool:

@@ -133,6 +133,22 @@ class ClientVerify:
 
     mode: int
     callback: Callable[[SSL.Connection, crypto.X509, int, int, int], bool]
+    store: crypto.X509Store | None = None  # the client CAs, for optional mode's verdict
+
+    def verdict(self, conn: SSL.Connection) -> str | None:
+        """None when the client's chain verifies against the client CAs, else OpenSSL's
+        reason.  Recomputed from the peer chain (not taken from the handshake) because
+        optional mode accepts every certificate in the callback, which makes OpenSSL
+        record success, and a resumed session would carry that verdict along."""
+        peer = conn.get_peer_certificate()
+        if self.store is None or peer is None or self.mode & SSL.VERIFY_FAIL_IF_NO_PEER_CERT:
+            return None  # required: the handshake already refused anything else
+        chain = conn.get_peer_cert_chain() or []
+        try:
+            crypto.X509StoreContext(self.store, peer, chain[1:]).verify_certificate()
+        except crypto.X509StoreContextError as exc:
+            return verify_error_string(int(exc.errors[0])) if exc.errors else str(exc)
+        return None
 
 
 def client_verify(listener: Listener) -> ClientVerify:
@@ -143,7 +159,11 @@ def client_verify(listener: Listener) -> ClientVerify:
     if listener.client_auth == "none":
         return ClientVerify(SSL.VERIFY_NONE, _accept_any)
     if listener.client_auth == "optional":
-        return ClientVerify(SSL.VERIFY_PEER, _accept_any)
+        store = crypto.X509Store()
+        for ca in _load_chain(listener.client_ca_pem):
+            store.add_cert(crypto.X509.from_cryptography(ca))
+        _lib.X509_STORE_set_purpose(store._store, _lib.X509_PURPOSE_SSL_CLIENT)
+        return ClientVerify(SSL.VERIFY_PEER, _accept_any, store)
     allowed = frozenset(normalize_dn(text) for text in listener.client_allowed_issuers)
 
     def required(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int,

@@ -26,7 +26,8 @@ FIELDS = (
     "backend_pool", "backend_settings", "backend", "method", "uri", "host", "http_version",
     "status", "backend_status", "bytes_received", "bytes_sent", "duration",
     "backend_connect_time", "backend_first_byte_time", "tls_protocol", "tls_cipher", "sni",
-    "user_agent", "error_info",
+    "user_agent", "error_info", "redirect_location", "client_cert_verify",
+    "client_cert_subject", "client_cert_issuer", "client_cert_fingerprint",
 )
 FLUSH_INTERVAL = 0.1
 MAX_PENDING = 1 << 20  # bytes queued before new lines are dropped (and counted)
