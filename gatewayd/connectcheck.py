@@ -15,21 +15,11 @@ from typing import TextIO
 from cryptography import x509
 from OpenSSL import SSL
 
+from gatewayd.health import pairs
 from gatewayd.model import BackendSettings, GatewayConfig
 from gatewayd.pins import format_pin, spki_sha256
 from gatewayd.tlsconf import client_context, verify_result
 from gatewayd.trust import TrustFailure, check_backend, is_ip_literal, sni_for
-
-
-def pairs(config: GatewayConfig) -> list[tuple[str, str]]:
-    """Every (backend_pool, backend_settings) combination some rule can route to
-    (a redirect has no pool: "")."""
-    seen: dict[tuple[str, str], None] = {}
-    for rule in config.rules:
-        seen.setdefault((rule.backend_pool, rule.backend_settings), None)
-        for path_rule in rule.path_rules:
-            seen.setdefault((path_rule.backend_pool, path_rule.backend_settings), None)
-    return [pair for pair in seen if pair[0]]
 
 
 def check_all(config: GatewayConfig, out: TextIO) -> bool:

@@ -57,7 +57,7 @@ def pairs(config: GatewayConfig) -> list[tuple[str, str]]:
         seen.setdefault((rule.backend_pool, rule.backend_settings), None)
         for path_rule in rule.path_rules:
             seen.setdefault((path_rule.backend_pool, path_rule.backend_settings), None)
-    return list(seen)
+    return [pair for pair in seen if pair[0]]  # a redirect has no pool
 
 
 def targets(config: GatewayConfig) -> list[Target]:
