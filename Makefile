@@ -36,10 +36,10 @@ typecheck: $(TSTAMP)
 
 ## Debian tools the live tests use: curl and openssl s_client as independent clients, wrk as
 ## the load generator of the reload tests, systemd-analyze to verify the unit files.
-DEBIAN_TEST_PACKAGES := curl openssl wrk systemd prometheus testssl.sh
+DEBIAN_TEST_PACKAGES := curl openssl wrk systemd prometheus testssl.sh slowhttptest
 system-deps:
 	@missing=""; \
-	for tool in curl openssl wrk systemd-analyze promtool prometheus testssl; do command -v $$tool >/dev/null || missing=1; done; \
+	for tool in curl openssl wrk systemd-analyze promtool prometheus testssl slowhttptest; do command -v $$tool >/dev/null || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages: $(DEBIAN_TEST_PACKAGES)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \

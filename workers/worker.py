@@ -64,6 +64,7 @@ class Worker:
                               list(spec.targets), spec.affinity_secret, spec.draining),
             access_log=AccessLog(server.access_log, server.access_log_format),
             stats=make_stats(tuple(lst.name for lst in spec.config.listeners)),
+            fault_target=os.environ.get("GATEWAYD_FAULT_INJECTION", "").encode() or None,
         )
         self.pool = gevent.pool.Pool(server.worker_connections)
         self.accepting: list[gevent.Greenlet] = []
