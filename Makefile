@@ -34,8 +34,9 @@ lint: $(TSTAMP)
 typecheck: $(TSTAMP)
 	$(VENV)/bin/mypy
 
-## Debian tools the live tests use: curl and openssl s_client as independent clients, wrk as
-## the load generator of the reload tests, systemd-analyze to verify the unit files.
+## Debian tools the live tests use: curl and openssl s_client as independent clients, wrk
+## (reload soak), systemd-analyze (unit files), prometheus + promtool (metrics), testssl.sh
+## (TLS scan) and slowhttptest (slow-HTTP attacks).
 DEBIAN_TEST_PACKAGES := curl openssl wrk systemd prometheus testssl.sh slowhttptest
 system-deps:
 	@missing=""; \
