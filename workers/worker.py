@@ -121,6 +121,10 @@ class Worker:
                         last_warning, failures = now, 0
                     gevent.sleep(0.1)
                     continue
+                # Responses leave in as few writes as we can, but a head and a body that
+                # arrive apart must not wait for a delayed ACK (Nagle): like nginx's
+                # tcp_nodelay, on for every client connection.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 pool.spawn(_serve, rt, ctx, sock, addr)
         finally:
             watcher.close()
