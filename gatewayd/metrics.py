@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,10 +151,7 @@ def apply_histogram(child: Any, counts: list[int], total: float) -> None:
 
 def bucket_index(seconds: float) -> int:
     """Index of the first bucket whose upper bound holds `seconds` (last = +Inf)."""
-    for index, bound in enumerate(LATENCY_BUCKETS):
-        if seconds <= bound:
-            return index
-    return len(LATENCY_BUCKETS)
+    return bisect_left(LATENCY_BUCKETS, seconds)
 
 
 def mark_dead(pid: int) -> None:

@@ -56,3 +56,20 @@ def test_combined_format(tmp_path: Path, pki, backend_factory) -> None:
         assert re.fullmatch(
             r'127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d \+0000\] "GET /x HTTP/1\.1" '
             r'200 \d+ "-" "probe/2" [0-9a-f]{32} -', line), line
+
+
+def test_fast_json_lines_equal_json_dumps() -> None:
+    """The access log's hand-rolled encoder must write exactly what json.dumps writes."""
+    import json
+    import random
+
+    from gatewayd.workers.accesslog import AccessLog
+
+    rng = random.Random(7)
+    for _ in range(3000):
+        record = {f"k{i}": rng.choice([
+            rng.random() * 10 ** rng.randint(-8, 8), rng.randint(-5, 10 ** 12), None, True,
+            "".join(chr(rng.choice([rng.randint(0, 0x7F), rng.randint(0x80, 0x3000)]))
+                    for _ in range(rng.randint(0, 8))),
+        ]) for i in range(rng.randint(0, 6))}
+        assert AccessLog._json(record) == json.dumps(record, separators=(",", ":")) + "\n"

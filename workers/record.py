@@ -5,7 +5,7 @@ never disagree)."""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gatewayd import forwarding
 from gatewayd.rewrites import CompiledRewriteSet, RequestVariables
@@ -118,8 +118,7 @@ class RequestRecord:
         if not log.enabled:
             return
         log.write({
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.started))
-            + f".{int(self.started % 1 * 1000):03d}Z",
+            "time": _timestamp(self.started),
             "request_id": self.request_id,
             "client_ip": conn.client_ip,
             "client_port": conn.client_port,
@@ -151,6 +150,17 @@ class RequestRecord:
             "client_cert_issuer": cert.issuer if cert is not None else "",
             "client_cert_fingerprint": cert.fingerprint if cert is not None else "",
         }, self.started)
+
+
+_second: list[Any] = [-1, ""]  # the last whole second formatted, and its text
+
+
+def _timestamp(started: float) -> str:
+    """ISO 8601 with milliseconds, UTC; strftime runs once a second, not per request."""
+    second = int(started)
+    if second != _second[0]:
+        _second[0], _second[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_second[1]}.{int(started % 1 * 1000):03d}Z"
 
 
 def _round(value: float | None) -> float | None:
