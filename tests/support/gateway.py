@@ -164,7 +164,7 @@ class Gateway:
         (so the admin process, and a child the master has not published yet, never
         count)."""
         listed = set(self.state().get("worker_pids", []))
-        return [pid for pid in self.children() if pid in listed]
+        return [pid for pid in self.children() if pid in listed and _alive(pid)]
 
     def log_records(self) -> list[dict[str, Any]]:
         if not self.access_log.exists():
@@ -190,3 +190,12 @@ class Gateway:
     def __exit__(self, *exc: object) -> None:
         if self.proc.alive:
             self.proc.stop(timeout=10)
+
+
+def _alive(pid: int) -> bool:
+    """Not a zombie: a killed worker stays a child until the master reaps it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
