@@ -113,6 +113,8 @@ class Bench:
     certs: Certs
     backend: NginxBackend
     results: list[dict[str, Any]] = field(default_factory=list)
+    #: measurements appended as they are taken (bench/out/raw-<stamp>.jsonl)
+    raw: Path = OUT / "raw.jsonl"
     #: total seconds all measurements together may spend waiting for a quiet machine
     quiet_budget: float = 60.0
 
@@ -133,9 +135,9 @@ class Bench:
         except (OSError, RuntimeError, ValueError, KeyError, subprocess.SubprocessError) as exc:
             # one broken measurement must not cost the whole run: record it and go on
             print(f"  {config:22} {scenario:12} FAILED: {exc!r}", flush=True)
-            OUT.joinpath("raw.jsonl").open("a").write(json.dumps(
-                {"config": config, "run": run, "scenario": scenario, "error": repr(exc)})
-                + "\n")
+            with self.raw.open("a") as raw:
+                raw.write(json.dumps({"config": config, "run": run, "scenario": scenario,
+                                      "error": repr(exc)}) + "\n")
             return {}
         wall = time.monotonic() - t0
         ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -149,18 +151,20 @@ class Bench:
                       foreign_cpu_pct=max(0.0, 100 * foreign / wall / (os.cpu_count() or 1)),
                       quiet_before_pct=100 * quiet, tls=getattr(server, "tls_version", "?"))
         self.results.append(result)
-        OUT.joinpath("raw.jsonl").open("a").write(json.dumps(result) + "\n")
+        with self.raw.open("a") as raw:
+            raw.write(json.dumps(result) + "\n")
         print(f"  {config:22} {scenario:12} " + report.one_line(result), flush=True)
         return result
 
     # scenarios --------------------------------------------------------------------------
 
-    def keepalive(self, server: Server, config: str, run: int, scenario: str = "ka") -> None:
+    def keepalive(self, server: Server, config: str, run: int, seconds: float = 0) -> None:
         s = self.settings
         url = f"https://127.0.0.1:{server.port}/small"
         load.wrk(url, connections=s.ka_connections, seconds=1, cpus=LOAD_CPUS)  # warm-up
-        self.measure(server, config, run, scenario, lambda: load.wrk(
-            url, connections=s.ka_connections, seconds=s.ka_seconds, cpus=LOAD_CPUS))
+        self.measure(server, config, run, "ka", lambda: load.wrk(
+            url, connections=s.ka_connections, seconds=seconds or s.ka_seconds,
+            cpus=LOAD_CPUS))
 
     def handshakes(self, server: Server, config: str, run: int, scenario: str,
                    resume: bool) -> None:
@@ -248,10 +252,10 @@ class Bench:
             finally:
                 server.proc.stop()
 
-    def run_ka_only(self, config: str, run: int) -> None:
+    def run_ka_only(self, config: str, run: int, seconds: float = 0) -> None:
         server = self.start(config, "ec")
         try:
-            self.keepalive(server, config, run)
+            self.keepalive(server, config, run, seconds)
         finally:
             server.stop()
 
@@ -322,12 +326,12 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     work = OUT / f"work-{stamp}"
-    OUT.joinpath("raw.jsonl").unlink(missing_ok=True)
     started = time.monotonic()
 
+    machine = versions()  # before measuring: the code that is measured
     certs = make_pki(work)
     backend = NginxBackend(work, certs.backend, BACKEND_CPUS)
-    bench = Bench(s, work, certs, backend,
+    bench = Bench(s, work, certs, backend, raw=OUT / f"raw-{stamp}.jsonl",
                   quiet_budget=QUIET_BUDGET["quick" if args.quick else "full"])
     mitm = s.mitmproxy and Mitmproxy.EXE.exists()
     notes: list[str] = []
@@ -341,8 +345,9 @@ def main() -> int:
             for config in s.configs:
                 bench.run_config(config, run)
             if s.cost_variants:
+                # a small difference between two noisy figures: twice the duration
                 for config in ("gatewayd-1w-all-on", "gatewayd-1w-all-off"):
-                    bench.run_ka_only(config, run)
+                    bench.run_ka_only(config, run, seconds=2 * s.ka_seconds)
             if mitm:
                 try:
                     bench.run_ka_only("mitmproxy", run)
@@ -352,7 +357,7 @@ def main() -> int:
     finally:
         backend.stop()
     elapsed = time.monotonic() - started
-    meta = {"settings": s.__dict__, "versions": versions(), "elapsed_s": elapsed,
+    meta = {"settings": s.__dict__, "versions": machine, "elapsed_s": elapsed,
             "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "quick": args.quick,
             "command": " ".join([Path(sys.executable).name, *sys.argv]), "notes": notes,
             "layout": {"load": LOAD_CPUS, "backend": BACKEND_CPUS,

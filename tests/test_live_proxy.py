@@ -356,3 +356,16 @@ def test_require_sni_refuses_unknown_names(tmp_path: Path, pki, backend_factory)
                 https_get("127.0.0.1", gw.port, "/", sni=sni, cafile=None)
         assert https_get("127.0.0.1", gw.port, "/", sni="shop.example.test",
                          cafile=pki.ca_pem_path)[0] == 200
+
+
+def test_http10_request_without_host_names_the_backend(tmp_path: Path, pki,
+                                                       backend_factory) -> None:
+    """HTTP/1.0 allows no Host; the backend (HTTP/1.1) must get one: its address."""
+    app = backend_factory("app")
+    spec = simple_spec(tmp_path, cert=pki.issue(["127.0.0.1"]), backends={"app": app})
+    with Gateway(tmp_path, spec) as gw:
+        out = curl(["-k", "-0", "-H", "Host:", f"https://127.0.0.1:{gw.port}/no-host"])
+        assert out.returncode == 0, out.stderr
+        seen = json.loads(out.stdout)
+        hosts = [v for k, v in seen["headers"] if k.lower() == "host"]
+        assert hosts == [f"127.0.0.1:{app.port}"]

@@ -442,8 +442,10 @@ class Connection:
             upstream_host = settings.host_name.encode("idna")
         elif settings.pick_host_name_from_backend_address:
             upstream_host = up.server.host.encode("idna")
-        else:
+        elif head.host:
             upstream_host = head.host
+        else:  # an HTTP/1.0 client sent no Host: name the backend, as nginx's $proxy_host
+            upstream_host = up.server.label.encode("idna")
         return ForwardContext(
             client_ip=self.client_ip,
             client_port=self.client_port,
