@@ -17,14 +17,13 @@ import ssl
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.gateway import Gateway, simple_spec
+from tests.support.metrics import scrape, value
 from tests.support.pki import TestPKI
 from tests.support.procs import BackendFactory, https_get, wait_for
 
@@ -33,25 +32,6 @@ KIB_PER_CONN_BOUND = 64  # target 50
 # file descriptors the test client and the worker need beyond the connections themselves
 FD_HEADROOM = 512
 
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def scrape(gw: Gateway) -> Samples:
-    with urllib.request.urlopen(f"{gw.admin_url}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def value(samples: Samples, metric: str, /, **labels: str) -> float:
-    total = 0.0
-    for (name, sample_labels), sample_value in samples.items():
-        if name == metric and labels.items() <= dict(sample_labels).items():
-            total += sample_value
-    return total
 
 
 def rss_kib(pid: int) -> int:

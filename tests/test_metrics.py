@@ -6,32 +6,11 @@ import http.client
 import json
 import os
 import signal
-import urllib.request
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from tests.support.gateway import Gateway, simple_spec
+from tests.support.metrics import good_and_evil_spec, scrape, value
 from tests.support.procs import https_connection, wait_for
-
-
-def scrape(gw: Gateway) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"{gw.admin_url}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def value(samples: dict, metric: str, /, **labels: str) -> float:
-    """Sum of the samples of `metric` whose labels include `labels`."""
-    total = 0.0
-    for (sample_name, sample_labels), sample_value in samples.items():
-        if sample_name == metric and labels.items() <= dict(sample_labels).items():
-            total += sample_value
-    return total
 
 
 def admin_get(gw: Gateway, path: str) -> tuple[int, str]:
@@ -45,17 +24,7 @@ def test_exact_counts_across_workers_and_no_counter_goes_backwards(
         tmp_path: Path, pki, backend_factory) -> None:
     good = backend_factory("good")
     evil = backend_factory("evil", leaf=pki.self_signed(["evil.internal"]))
-    spec = simple_spec(tmp_path, cert=pki.issue(["127.0.0.1", "shop.test"]),
-                       backends={"good": good, "evil": evil}, workers=2)
-    spec.settings[1]["pinned_public_keys"] = [pki.self_signed(["other"]).spki_pin]
-    spec.listeners[0]["host_names"] = ["shop.test"]
-    spec.rules[0]["path_rules"] = [{"name": "evil", "paths": ["/evil/*"],
-                                    "backend_pool": "evil", "backend_settings": "evil-tls"}]
-    # One probe per target during the test: probe failures count in
-    # gatewayd_backend_failures_total too (that is where an operator sees the reason).
-    spec.extra = '[[probe]]\nname = "slow"\ninterval = 3600\n'
-    for settings in spec.settings:
-        settings["probe"] = "slow"
+    spec = good_and_evil_spec(tmp_path, pki, good, evil, probe="slow")
     with Gateway(tmp_path, spec) as gw:
         def send(path: str, host: str, count: int, per_conn: int) -> list[int]:
             statuses = []

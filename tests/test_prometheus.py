@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.gateway import Gateway, simple_spec
+from tests.support.gateway import Gateway
+from tests.support.metrics import good_and_evil_spec
 from tests.support.pki import TestPKI
 from tests.support.procs import (
     REPO_ROOT,
@@ -318,17 +319,7 @@ def test_live_metrics_and_a_real_prometheus(tmp_path: Path, pki: TestPKI,
                                             backend_factory: BackendFactory) -> None:
     good = backend_factory("good")
     evil = backend_factory("evil", leaf=pki.self_signed(["evil.internal"]))
-    spec = simple_spec(tmp_path, cert=pki.issue(["127.0.0.1", "shop.test"]),
-                       backends={"good": good, "evil": evil}, workers=2)
-    spec.settings[1]["pinned_public_keys"] = [pki.self_signed(["other"]).spki_pin]
-    spec.listeners[0]["host_names"] = ["shop.test"]
-    spec.rules[0]["path_rules"] = [{"name": "evil", "paths": ["/evil/*"],
-                                    "backend_pool": "evil", "backend_settings": "evil-tls"}]
-    # Probes count their failures in gatewayd_backend_failures_total too: with an hour's
-    # interval, each generation's prober fails exactly once on the evil backend.
-    spec.extra = '[[probe]]\nname = "hourly"\ninterval = 3600\n'
-    for settings in spec.settings:
-        settings["probe"] = "hourly"
+    spec = good_and_evil_spec(tmp_path, pki, good, evil, probe="hourly")
     pools = {"good": good.address, "evil": evil.address}
     with Gateway(tmp_path, spec) as gw:
         admin = gw.admin_url.removeprefix("http://")

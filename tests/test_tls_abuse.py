@@ -14,14 +14,13 @@ import ssl
 import struct
 import subprocess
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.gateway import Gateway, simple_spec
+from tests.support.metrics import Samples, scrape, value
 from tests.support.pki import TestPKI
 from tests.support.procs import Backend, https_get, wait_for
 
@@ -30,26 +29,6 @@ HANDSHAKE_TIMEOUT = 2
 ERRORS = "gatewayd_tls_handshake_errors_total"
 HANDSHAKES = "gatewayd_tls_handshakes_total"
 
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def scrape(gw: Gateway) -> Samples:
-    with urllib.request.urlopen(f"{gw.admin_url}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def value(samples: Samples, metric: str, /, **labels: str) -> float:
-    """Sum of the samples of `metric` whose labels include `labels`."""
-    total = 0.0
-    for (name, sample_labels), sample_value in samples.items():
-        if name == metric and labels.items() <= dict(sample_labels).items():
-            total += sample_value
-    return total
 
 
 def by_reason(samples: Samples) -> dict[str, float]:
