@@ -369,3 +369,23 @@ def test_http10_request_without_host_names_the_backend(tmp_path: Path, pki,
         seen = json.loads(out.stdout)
         hosts = [v for k, v in seen["headers"] if k.lower() == "host"]
         assert hosts == [f"127.0.0.1:{app.port}"]
+
+
+def test_alpn_offers_only_http11(tmp_path: Path, pki, backend_factory) -> None:
+    """HTTP/2 to clients is not served: ALPN picks http/1.1, and an h2-only client gets
+    no protocol (and falls back to HTTP/1.1), never h2."""
+    app = backend_factory("app")
+    spec = simple_spec(tmp_path, cert=pki.issue(["127.0.0.1"]), backends={"app": app})
+    with Gateway(tmp_path, spec) as gw:
+        def negotiated(offer: str) -> str:
+            out = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{gw.port}",
+                                  "-alpn", offer], input=b"", capture_output=True,
+                                 timeout=20)
+            return out.stdout.decode(errors="replace")
+
+        assert "ALPN protocol: http/1.1" in negotiated("h2,http/1.1")
+        only_h2 = negotiated("h2")
+        assert "No ALPN negotiated" in only_h2 and "ALPN protocol: h2" not in only_h2
+        out = curl(["-k", "--http2", "-o", "/dev/null", "-w", "%{http_version}",
+                    f"https://127.0.0.1:{gw.port}/"])
+        assert out.stdout == "1.1", out
