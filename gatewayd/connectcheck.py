@@ -15,6 +15,7 @@ from typing import TextIO
 from cryptography import x509
 from OpenSSL import SSL
 
+from gatewayd.config_sections import split_host_port
 from gatewayd.health import pairs
 from gatewayd.model import BackendSettings, GatewayConfig
 from gatewayd.pins import format_pin, spki_sha256
@@ -27,7 +28,8 @@ def check_all(config: GatewayConfig, out: TextIO) -> bool:
     for pool_name, settings_name in pairs(config):
         settings = config.backend_settings[settings_name]
         for server in config.backend_pools[pool_name].servers:
-            host, port = _split(server, settings.port)
+            host, written_port = split_host_port(server)
+            port = written_port if written_port is not None else settings.port
             verdict = check_server(settings, host, port)
             ok = ok and verdict.startswith("OK")
             print(f"{pool_name}/{settings_name} {host}:{port}: {verdict}", file=out)
@@ -102,14 +104,3 @@ def _check_chain_only(
     except TrustFailure as exc:
         if exc.reason != "name_mismatch":
             raise
-
-
-def _split(server: str, default_port: int) -> tuple[str, int]:
-    if server.startswith("["):
-        host, _, rest = server[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else default_port
-    if server.count(":") == 1:
-        host, port = server.split(":")
-        return host, int(port)
-    return server, default_port
-

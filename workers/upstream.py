@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from OpenSSL import SSL
 
+from gatewayd.config_sections import split_host_port
 from gatewayd.model import BackendPool, BackendSettings
 from gatewayd.tlsconf import client_context, verify_result
 from gatewayd.trust import TrustFailure, check_backend, is_ip_literal, sni_for
@@ -68,13 +69,10 @@ class Server:
 
 
 def parse_server(text: str, default_port: int) -> Server:
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        return Server(host, int(rest[1:]) if rest.startswith(":") else default_port)
-    if text.count(":") == 1:
-        host, port = text.split(":")
-        return Server(host, int(port))
-    return Server(text, default_port)
+    """A pool member as written (validated at config load) with the settings' port as
+    the default; one parser for the whole project: config_sections.split_host_port."""
+    host, port = split_host_port(text)
+    return Server(host, port if port is not None else default_port)
 
 
 @dataclass(slots=True)
