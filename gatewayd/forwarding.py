@@ -77,10 +77,23 @@ STATUS_REASONS: dict[int, bytes] = {
 }
 
 
+_ID_BYTES = 16
+_ID_BATCH = 256  # ids per getrandom() call
+_id_pool: list[bytes] = []
+
+
 def new_request_id() -> str:
     """32 lower-case hex characters from the OS CSPRNG: unguessable, so an id seen in
-    one log line cannot be forged into another request."""
-    return os.urandom(16).hex()
+    one log line cannot be forged into another request.  The random bytes are fetched
+    for 256 ids at a time (one system call instead of one per request); the pool is
+    emptied in a forked child, so no two processes ever hand out the same bytes."""
+    if not _id_pool:
+        batch = os.urandom(_ID_BYTES * _ID_BATCH)
+        _id_pool.extend(batch[i:i + _ID_BYTES] for i in range(0, len(batch), _ID_BYTES))
+    return _id_pool.pop().hex()
+
+
+os.register_at_fork(after_in_child=_id_pool.clear)
 
 
 @dataclass(frozen=True, slots=True)

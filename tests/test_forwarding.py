@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import replace
 
@@ -375,3 +376,24 @@ def test_new_request_id() -> None:
     ids = {new_request_id() for _ in range(100)}
     assert len(ids) == 100
     assert all(re.fullmatch(r"[0-9a-f]{32}", rid) for rid in ids)
+
+
+def test_request_ids_differ_across_fork() -> None:
+    """Ids come from a per-process pool of CSPRNG bytes: a forked worker must not hand
+    out the ids its parent (or a sibling) still holds."""
+    ids = [new_request_id() for _ in range(600)]  # spans more than one batch
+    assert len(set(ids)) == 600
+    held = new_request_id()  # the parent's pool is not empty now
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        os.write(write_end, "".join(new_request_id() for _ in range(300)).encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        text = pipe.read().decode()
+    os.waitpid(pid, 0)
+    child_ids = {text[i:i + 32] for i in range(0, len(text), 32)}
+    parent_ids = {new_request_id() for _ in range(300)} | {held}
+    assert len(child_ids) == 300
+    assert not child_ids & parent_ids

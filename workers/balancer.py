@@ -124,10 +124,21 @@ class Balancer:
 
     def pick(self, pool: str, settings_name: str, exclude: Server | None = None) -> Server:
         """Round robin over the usable servers; IndexError when there is none."""
-        pair = self._pair(pool, settings_name)
-        now = time.monotonic()
-        usable = [server for position, server in enumerate(pair.servers)
-                  if self._usable(pair, position, now) and server != exclude]
+        pair = self._pairs.get((pool, settings_name)) or self._pair(pool, settings_name)
+        health = self._health
+        if exclude is None and not self._down_until:  # the common case, kept short
+            if health is None:
+                usable = pair.servers
+            else:
+                healthy = health.healthy
+                usable = [server for server, slot in zip(pair.servers, pair.slots, strict=True)
+                          if slot < 0 or healthy(slot)]
+        else:
+            now = time.monotonic()
+            usable = [server for position, server in enumerate(pair.servers)
+                      if self._usable(pair, position, now) and server != exclude]
+        if len(usable) == 1:
+            return usable[0]
         if not usable:
             raise IndexError(pool)
         return usable[self._next_turn(pair, (pool, settings_name)) % len(usable)]

@@ -24,7 +24,14 @@ from gatewayd.clientcert import describe as describe_client_cert
 from gatewayd.forwarding import ForwardContext, gateway_response, upstream_request_head
 from gatewayd.model import Listener, ServerSettings
 from gatewayd.rewrites import CompiledRewriteSet, RequestVariables
-from gatewayd.routing import BindRouter, Route, Router, RoutingError, normalize_target
+from gatewayd.routing import (
+    BindRouter,
+    Route,
+    Router,
+    RoutingError,
+    Target,
+    normalize_target,
+)
 from gatewayd.tlsconf import BindTLS
 
 from .accesslog import AccessLog
@@ -67,13 +74,23 @@ PLAIN_HTTP_ON_TLS_PORT = (
 LAST_CHUNK = b"0\r\n\r\n"
 
 
+ROUTE_CACHE_SIZE = 2048  # (Host, SNI, target) → route entries kept per bind
+ROUTE_CACHE_KEY_BYTES = 512  # longer targets are routed every time, not remembered
+
+
 @dataclass(slots=True)
 class BindContext:
-    """What a connection accepted on one bind needs: its routing and TLS contexts."""
+    """What a connection accepted on one bind needs: its routing and TLS contexts.
+
+    `routes` remembers what routing decided for recent (Host, SNI, target) triples:
+    routing is a pure function of the generation's config, so a repeated request skips
+    target normalisation, the Host/SNI lookup and the path match (see `_proxy`)."""
 
     port: int
     router: BindRouter
     tls: BindTLS | None
+    routes: dict[tuple[bytes, str | None, bytes], tuple[Target, Listener, Route]] = field(
+        default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -325,15 +342,31 @@ class Connection:
                 pass
         return False
 
+    def _route(self, head: RequestHead, record: RequestRecord) -> tuple[Target, Listener, Route]:
+        """Routing (§5) for one request, remembered per bind; RoutingError is not
+        remembered (re-raising one exception object would grow its traceback)."""
+        key = (head.host, self.sni, head.target)
+        routes = self.bind.routes
+        found = routes.get(key)
+        if found is not None:
+            return found
+        target = normalize_target(head.target)
+        listener = self.bind.router.select(head.host.decode("latin-1"), self.sni)
+        record.listener = listener.name  # a 404 for "no rule" still names its listener
+        route = self.rt.router.route(listener, target.path)
+        found = (target, listener, route)
+        if len(head.target) <= ROUTE_CACHE_KEY_BYTES:
+            if len(routes) >= ROUTE_CACHE_SIZE:
+                routes.clear()
+            routes[key] = found
+        return found
+
     def _proxy(self, head: RequestHead, record: RequestRecord) -> bool:
         try:
-            target = normalize_target(head.target)
-            host = head.host.decode("latin-1")
-            listener = self.bind.router.select(host, self.sni)
-            record.listener = listener.name
-            route = self.rt.router.route(listener, target.path)
+            target, listener, route = self._route(head, record)
         except RoutingError as exc:
             return self._refuse(head, record, exc.status, exc.error_info)
+        record.listener = listener.name
         record.set_route(route)
         if route.redirect is not None:
             return self._redirect(head, record, route, target.path, target.query)

@@ -377,11 +377,14 @@ def open_tcp(sockaddr: tuple, family: int, timeout: float) -> socket.socket:
         raise
 
 
+_PEEK_NOWAIT = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # a plain int: no enum code per call
+
+
 def peer_closed(sock: socket.socket) -> bool:
     """True if an idle pooled connection has been closed (or written to) by the peer.
     Anything readable on an idle HTTP/1.1 connection means it must not be reused."""
     try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) is not None
+        return sock.recv(1, _PEEK_NOWAIT) is not None
     except BlockingIOError:
         return False
     except OSError:

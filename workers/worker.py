@@ -11,6 +11,7 @@ master replaces it.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -91,6 +92,7 @@ class Worker:
         watched = certwatch.watched_listeners(self.spec.listeners)
         if watched:  # listeners with watch_certificates = true
             gevent.spawn(certwatch.watch_forever, watched)
+        _tune_gc()
         os.write(self.spec.ready_fd, READY + struct.pack("!I", os.getpid()))
         gevent.joinall(self.accepting)
         if self.drainer is not None:
@@ -192,6 +194,22 @@ class Worker:
         self._flush_quietly()
         self.runtime.access_log.flush()
         os._exit(0)
+
+
+# gen-0 collections run after this many net allocations of tracked objects (CPython's
+# default is 700; one proxied request allocates ~40, so the default collects every ~17
+# requests and each pass walks every in-flight connection's young objects).
+GC_GEN0_THRESHOLD = 20_000
+
+
+def _tune_gc() -> None:
+    """Move what boot created (modules, config, routing and TLS tables) out of the
+    collector's sight, and collect the young generation less often.  Request objects
+    are freed by reference counting; the collector only exists for the rare cycle."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
 def _serve(rt: Runtime, ctx: BindContext, sock: socket.socket, addr: tuple) -> None:
