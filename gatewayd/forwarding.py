@@ -96,7 +96,7 @@ def new_request_id() -> str:
 os.register_at_fork(after_in_child=_id_pool.clear)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs a setattr call per field
 class ForwardContext:
     """What the gateway asserts about one request to the backend.
 

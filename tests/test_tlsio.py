@@ -371,6 +371,46 @@ def test_recv_returns_empty_on_close_notify(pki: TestPKI, leaf: Leaf) -> None:
         client.close()
 
 
+@pytest.mark.parametrize("ending", ["close_notify", "fin", "none"])
+def test_recv_takes_every_arrived_record_then_reports_the_end(
+    pki: TestPKI, leaf: Leaf, ending: str
+) -> None:
+    """A streamed body (full 16 KiB records) that has already arrived comes up in one
+    recv() of up to 64 KiB, not one record per call; an end that arrived in the same
+    burst is reported only after the data, by the next recv() (b"" for close_notify or
+    a bare FIN), and another connection's OpenSSL errors are not disturbed by it."""
+    server, client = handshake_pair(server_ctx(leaf), verifying_client_ctx(pki))
+    other_server, other_client = handshake_pair(server_ctx(leaf), verifying_client_ctx(pki))
+    body = os.urandom(3 * 16384 + 100)
+    try:
+        server.sendall(body)
+        if ending == "close_notify":
+            server.close()
+        elif ending == "fin":
+            server.sock.shutdown(socket.SHUT_RDWR)
+        # wait until every record (and the end, if any) is in client's socket buffer
+        deadline = time.monotonic() + 5
+        while len(client.sock.recv(1 << 20, socket.MSG_PEEK)) < len(body) + 4 * 22:
+            assert time.monotonic() < deadline, "the body never arrived"
+            time.sleep(0.01)
+        # (loopback queues a segment, and a FIN, on the receiver before send()/close()
+        # return; if one still came late, the plain path below gives the same answers)
+        with guard(5):
+            assert client.recv() == body  # four records, one call
+            if ending != "none":
+                assert client.recv() == b""
+                assert client.recv() == b""  # and it stays at EOF
+        # the other connection still works (no error left in OpenSSL's shared queue)
+        with guard(5):
+            other_server.sendall(b"ping")
+            assert recv_exactly(other_client, 4) == b"ping"
+    finally:
+        for stream in (client, other_client, other_server):
+            stream.close()
+        if ending == "none":
+            server.close()
+
+
 def test_recv_returns_empty_on_bare_tcp_close(pki: TestPKI, leaf: Leaf) -> None:
     """A TCP FIN without close_notify (unexpected EOF) also reads as b"", not an error."""
     server, client = handshake_pair(server_ctx(leaf), verifying_client_ctx(pki))

@@ -102,10 +102,11 @@ class Balancer:
     ) -> tuple[Server, list[tuple[bytes, bytes]]]:
         """The server for a request and the headers to add to its response (a fresh
         affinity cookie when one is due); IndexError when no server is usable."""
-        pair = self._pair(pool, settings_name)
+        key = (pool, settings_name)
+        pair = self._pairs.get(key) or self._pair(pool, settings_name)
         settings = pair.settings
         if not settings.cookie_based_affinity:
-            return self.pick(pool, settings_name), []
+            return self._pick(pair, key, None), []
         value = affinity.read_cookie(request_headers, settings.affinity_cookie_name)
         if value is not None:
             position = pair.cookies.get(value)
@@ -124,7 +125,10 @@ class Balancer:
 
     def pick(self, pool: str, settings_name: str, exclude: Server | None = None) -> Server:
         """Round robin over the usable servers; IndexError when there is none."""
-        pair = self._pairs.get((pool, settings_name)) or self._pair(pool, settings_name)
+        key = (pool, settings_name)
+        return self._pick(self._pairs.get(key) or self._pair(pool, settings_name), key, exclude)
+
+    def _pick(self, pair: _Pair, key: tuple[str, str], exclude: Server | None) -> Server:
         health = self._health
         if exclude is None and not self._down_until:  # the common case, kept short
             if health is None:
@@ -140,8 +144,8 @@ class Balancer:
         if len(usable) == 1:
             return usable[0]
         if not usable:
-            raise IndexError(pool)
-        return usable[self._next_turn(pair, (pool, settings_name)) % len(usable)]
+            raise IndexError(key[0])
+        return usable[self._next_turn(pair, key) % len(usable)]
 
     def _next_turn(self, pair: _Pair, key: tuple[str, str]) -> int:
         if self._health is not None and pair.index >= 0:

@@ -105,6 +105,11 @@ class RequestRecord:
 
     def finish(self, log: AccessLog, stats: Stats) -> None:
         head, conn = self.head, self.conn
+        now = time.time()
+        stats.request_done(self.listener or conn.listener_label, self.rule, self.backend_pool,
+                           self.status, now - self.started)
+        if not log.enabled:
+            return
         user_agent = ""
         if head is not None:
             for name, value in head.headers:
@@ -112,11 +117,6 @@ class RequestRecord:
                     user_agent = value.decode("latin-1")
                     break
         cert = conn.client_cert if conn.bind.router.has_client_auth else None
-        now = time.time()
-        stats.request_done(self.listener or conn.listener_label, self.rule, self.backend_pool,
-                           self.status, now - self.started)
-        if not log.enabled:
-            return
         log.write({
             "time": _timestamp(self.started),
             "request_id": self.request_id,

@@ -38,6 +38,7 @@ from OpenSSL._util import lib as _lib
 _READ = 1
 _WRITE = 2
 RECV_SIZE = 65536
+MAX_RECORD_PLAINTEXT = 16384  # TLS 1.2/1.3 record payload limit (RFC 8446 §5.1)
 
 _SSL_read = _lib.SSL_read
 _SSL_write = _lib.SSL_write
@@ -49,6 +50,9 @@ _buffer = _ffi.buffer
 # One receive buffer per worker process: a greenlet copies its bytes out before it can
 # yield, so no two reads ever share it.
 _RECV_BUF = _ffi.new("char[]", RECV_SIZE)
+
+
+_CLEAN_EOF = object()  # TLSStream._ended: the peer closed cleanly after the data returned
 
 
 class StreamTimeout(Exception):
@@ -163,13 +167,14 @@ class PlainStream:
 class TLSStream:
     """A TLS connection (either side) over a connected, non-blocking socket."""
 
-    __slots__ = ("_fd", "_ssl", "_waiter", "conn", "sock", "timeout")
+    __slots__ = ("_ended", "_fd", "_ssl", "_waiter", "conn", "sock", "timeout")
 
     def __init__(self, sock: socket.socket, conn: SSL.Connection, timeout: float | None = None):
         sock.setblocking(False)
         self.sock = sock
         self.conn = conn
         self._ssl = conn._ssl  # the SSL* the fast path below passes to OpenSSL
+        self._ended: StreamClosed | object | None = None  # see _read_more
         self.timeout = timeout
         self._fd = sock.fileno()
         self._waiter = _Waiter(self._fd)
@@ -230,11 +235,18 @@ class TLSStream:
     def recv(self, size: int = RECV_SIZE) -> bytes:
         """Return decrypted bytes; b"" on EOF (a close_notify or a bare TCP close: for
         HTTP the framing layer decides whether a message was cut short)."""
+        ended = self._ended
+        if ended is not None:
+            if isinstance(ended, StreamClosed):
+                raise ended
+            return b""  # _CLEAN_EOF
         ssl = self._ssl
         size = min(size, RECV_SIZE)
         while True:
             n = _SSL_read(ssl, _RECV_BUF, size)
             if n > 0:
+                if n >= MAX_RECORD_PLAINTEXT:
+                    n = self._read_more(n, size)
                 return _buffer(_RECV_BUF, n)[:]
             error = _SSL_get_error(ssl, n)
             if error == _WANT_READ:
@@ -243,7 +255,32 @@ class TLSStream:
                 self._waiter.wait(_WRITE, self.timeout)
             else:
                 self._raise_ssl_error(n, reading=True)
+                self._ended = _CLEAN_EOF  # EOF stays EOF (OpenSSL would now report an error)
                 return b""
+
+    def _read_more(self, n: int, size: int) -> int:
+        """After a full-sized record (the peer is streaming a body), take the records
+        that have already arrived too, up to `size` bytes in all, without waiting: one
+        SSL_read returns at most one record (16 KiB), and every chunk handed up costs
+        the proxy a parser call and a write.  Stops at "would block" or any error; an
+        error is met again, and reported, by the next recv()."""
+        ssl = self._ssl
+        while n < size:
+            more = _SSL_read(ssl, _RECV_BUF + n, size - n)
+            if more > 0:
+                n += more
+                continue
+            error = _SSL_get_error(ssl, more)
+            if error != _WANT_READ and error != _WANT_WRITE:
+                # Translate now (it drains OpenSSL's per-thread error queue, which other
+                # connections share) and report it on the next recv(), after this data.
+                try:
+                    self._raise_ssl_error(more, reading=True)
+                    self._ended = _CLEAN_EOF
+                except StreamClosed as exc:
+                    self._ended = exc
+            break
+        return n
 
     def sendall(self, data: bytes | memoryview) -> None:
         ssl = self._ssl
