@@ -322,6 +322,37 @@ def test_tls_session_issued_by_one_worker_resumes_on_another(tmp_path: Path, pki
                 resumed.close()
 
 
+@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
+def test_openssl_s_client_resumes_a_killed_workers_session_on_another(
+        tmp_path: Path, pki, backend_factory, version: str) -> None:
+    """The same check with openssl s_client as the independent client: `-sess_out` saves
+    the session a worker issued, that worker is killed, and `-sess_in` on a fresh
+    connection (necessarily to another worker) reports `Reused`."""
+    app = backend_factory("app")
+    spec = simple_spec(tmp_path, cert=pki.issue(["127.0.0.1"]), backends={"app": app},
+                       workers=1)
+    session = tmp_path / f"session{version}.pem"
+    request = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    with Gateway(tmp_path, spec) as gw:
+        args = ["openssl", "s_client", "-connect", f"127.0.0.1:{gw.port}", "-servername",
+                "127.0.0.1", "-CAfile", str(pki.ca_pem_path), "-verify_return_error",
+                "-ign_eof", version]
+        first = subprocess.run([*args, "-sess_out", str(session)], input=request,
+                               capture_output=True, timeout=30)
+        assert b"HTTP/1.1 200" in first.stdout, first.stdout[-2000:]
+        assert session.stat().st_size > 0
+        (old_worker,) = gw.worker_pids()
+        os.kill(old_worker, signal.SIGKILL)
+        wait_for(lambda: old_worker not in gw.worker_pids(), 10, "worker reaped")
+        gw.wait_workers(1)
+        assert gw.worker_pids() != [old_worker]
+        second = subprocess.run([*args, "-sess_in", str(session)], input=request,
+                                capture_output=True, timeout=30)
+        text = second.stdout.decode("latin-1")
+        assert "Reused, TLSv1." in text, text[-2000:]
+        assert "HTTP/1.1 200" in text
+
+
 def test_int_stops_fast_even_with_a_request_in_flight(tmp_path: Path, pki,
                                                       backend_factory) -> None:
     app = backend_factory("app")
