@@ -225,15 +225,20 @@ def bind_tls(router: BindRouter) -> BindTLS | None:
     default = router.certificate_listener(None)
     assert default is not None
     accept = server_context(default)  # its own object: the callback must be set before use
-    accept.set_tlsext_servername_callback(_sni_switcher(router, by_listener, verify))
+    accept.set_tlsext_servername_callback(
+        _sni_switcher(router, by_listener, verify, verify[default.name].mode))
     return BindTLS(accept_context=accept, by_listener=by_listener, verify=verify)
 
 
 def _sni_switcher(
-    router: BindRouter, by_listener: dict[str, SSL.Context], verify: dict[str, ClientVerify]
+    router: BindRouter, by_listener: dict[str, SSL.Context], verify: dict[str, ClientVerify],
+    accept_mode: int,
 ) -> Callable[[SSL.Connection], None]:
     """OpenSSL runs the servername callback for every ClientHello, with or without SNI
-    (final_server_name in ssl/statem/extensions.c)."""
+    (final_server_name in ssl/statem/extensions.c).  Switching the context does not
+    switch the connection's verify mode (it was copied from the accept context by
+    SSL_new), so the mode is set too, unless both are "no client certificate": pyOpenSSL
+    builds a new callback trampoline for every set_verify."""
     def on_servername(conn: SSL.Connection) -> None:
         raw = conn.get_servername()
         sni = raw.decode("ascii", "replace") if raw else None
@@ -246,7 +251,8 @@ def _sni_switcher(
                 raise SNIRejected(sni or "")
         conn.set_context(by_listener[chosen.name])
         mode = verify[chosen.name]
-        conn.set_verify(mode.mode, mode.callback)
+        if mode.mode != SSL.VERIFY_NONE or accept_mode != SSL.VERIFY_NONE:
+            conn.set_verify(mode.mode, mode.callback)
 
     return on_servername
 

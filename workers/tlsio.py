@@ -27,9 +27,9 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from typing import Protocol
+from typing import Any, Protocol
 
-from gevent import Timeout, getcurrent
+from gevent import getcurrent
 from gevent.hub import get_hub
 from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi
@@ -43,6 +43,8 @@ MAX_RECORD_PLAINTEXT = 16384  # TLS 1.2/1.3 record payload limit (RFC 8446 §5.1
 _SSL_read = _lib.SSL_read
 _SSL_write = _lib.SSL_write
 _SSL_get_error = _lib.SSL_get_error
+_SSL_do_handshake = _lib.SSL_do_handshake
+_PEEK = int(socket.MSG_PEEK)  # a plain int: socket.MSG_* are enum members
 _WANT_READ = _lib.SSL_ERROR_WANT_READ
 _WANT_WRITE = _lib.SSL_ERROR_WANT_WRITE
 _from_buffer = _ffi.from_buffer
@@ -107,12 +109,18 @@ class _Waiter:
         if timeout is None:
             self._hub.wait(watcher)
             return
-        timer = self._loop.timer(max(timeout, 0.0))
-        timer.start(getcurrent().throw, StreamTimeout)
+        timer = self.deadline(timeout)
         try:
             self._hub.wait(watcher)
         finally:
             timer.close()
+
+    def deadline(self, timeout: float) -> Any:
+        """A started libev timer that throws StreamTimeout into the calling greenlet
+        after `timeout` seconds, wherever it waits; the caller closes it."""
+        timer = self._loop.timer(max(timeout, 0.0))
+        timer.start(getcurrent().throw, StreamTimeout)
+        return timer
 
     def close(self) -> None:
         for watcher in (self._read, self._write):
@@ -200,11 +208,11 @@ class TLSStream:
         """The first bytes the peer sent, left in the socket (b"" if it closed first):
         lets the server tell a TCP health check or plain HTTP from a TLS ClientHello
         before OpenSSL sees anything."""
-        timer = Timeout._start_new_or_dummy(timeout, StreamTimeout)
+        timer = self._waiter.deadline(timeout)
         try:
             while True:
                 try:
-                    return self.sock.recv(16, socket.MSG_PEEK)
+                    return self.sock.recv(16, _PEEK)
                 except BlockingIOError:
                     self._waiter.wait(_READ, None)
                 except OSError as exc:
@@ -214,21 +222,29 @@ class TLSStream:
 
     def handshake(self, timeout: float) -> None:
         """Complete the handshake within `timeout` seconds in total (not per step), so a
-        peer that trickles bytes cannot hold the connection longer."""
-        timer = Timeout._start_new_or_dummy(timeout, StreamTimeout)
+        peer that trickles bytes cannot hold the connection longer.  Like recv(), it
+        calls OpenSSL directly and leaves only failures to pyOpenSSL's translation."""
+        ssl = self._ssl
+        timer = self._waiter.deadline(timeout)
         try:
             while True:
-                try:
-                    self.conn.do_handshake()
+                result = _SSL_do_handshake(ssl)
+                if result == 1:
+                    self.conn._raise_ssl_error(ssl, result)  # a callback's stored exception
                     return
-                except SSL.WantReadError:
+                error = _SSL_get_error(ssl, result)
+                if error == _WANT_READ:
                     self._waiter.wait(_READ, None)
-                except SSL.WantWriteError:
+                elif error == _WANT_WRITE:
                     self._waiter.wait(_WRITE, None)
-                except SSL.SysCallError as exc:
-                    raise TLSHandshakeFailed(_syscall_reason(exc)) from exc
-                except SSL.Error as exc:
-                    raise TLSHandshakeFailed(_ssl_reason(exc)) from exc
+                else:
+                    try:
+                        self.conn._raise_ssl_error(ssl, result)
+                    except SSL.SysCallError as exc:
+                        raise TLSHandshakeFailed(_syscall_reason(exc)) from exc
+                    except SSL.Error as exc:
+                        raise TLSHandshakeFailed(_ssl_reason(exc)) from exc
+                    raise TLSHandshakeFailed("handshake_failure")
         finally:
             timer.close()
 
@@ -353,7 +369,7 @@ def _linger(sock: socket.socket, waiter: _Waiter) -> None:
     except OSError:
         return
     discarded = 0
-    timer = Timeout._start_new_or_dummy(LINGER_TIME, StreamTimeout)
+    timer = waiter.deadline(LINGER_TIME)
     try:
         while discarded < LINGER_BYTES:
             try:
