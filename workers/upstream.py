@@ -35,6 +35,10 @@ from .tlsio import (
 # drop idle keep-alive connections after 60-75 s (nginx: 75 s, Apache: 5 s is the rare
 # outlier, and the retry in the proxy covers that race).
 IDLE_TTL = 50.0
+# A connection back in the pool for less than this is reused without first peeking at
+# its socket (one system call per request under load): a backend whose own idle timeout
+# is this short is not a keep-alive backend, and the retry covers the race anyway.
+PEEK_AFTER = 0.25
 MAX_IDLE_PER_KEY = 64
 
 
@@ -146,7 +150,8 @@ class UpstreamPool:
         while idle:
             up = idle.pop()
             sock = up.stream.sock
-            if now - up.idle_since < IDLE_TTL and not peer_closed(sock):
+            idle_for = now - up.idle_since
+            if idle_for < PEEK_AFTER or (idle_for < IDLE_TTL and not peer_closed(sock)):
                 up.reused = True
                 return up
             up.stream.close()
