@@ -61,8 +61,9 @@ def _load(port: int, scenario: str, seconds: int) -> int:
     if scenario == "hs":
         return int(s_time(port, resume=False, processes=8, seconds=seconds,
                           cpus=LOAD_CPUS)["connections"])
-    out = subprocess.run(["taskset", "-c", LOAD_CPUS, "wrk", "-t1", "-c64", f"-d{seconds}s",
-                          f"https://127.0.0.1:{port}/small"],
+    path, connections = ("/1m", 8) if scenario == "mib" else ("/small", 64)
+    out = subprocess.run(["taskset", "-c", LOAD_CPUS, "wrk", "-t1", f"-c{connections}",
+                          f"-d{seconds}s", f"https://127.0.0.1:{port}{path}"],
                          capture_output=True, text=True, check=True).stdout
     line = next(line for line in out.splitlines() if "requests in" in line)
     return int(line.split()[0])
@@ -90,8 +91,9 @@ def _perf_by_object(data: Path) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=8)
-    parser.add_argument("--scenario", choices=("ka", "hs"), default="ka",
-                        help="ka: keep-alive /small (wrk); hs: one full handshake per request")
+    parser.add_argument("--scenario", choices=("ka", "hs", "mib"), default="ka",
+                        help="ka: keep-alive /small (wrk); hs: one full handshake per "
+                             "request (s_time); mib: 1 MiB responses, 8 connections (wrk)")
     parser.add_argument("--tool", choices=("none", "py-spy", "perf"), default="none")
     parser.add_argument("--top", type=int, default=30, help="lines of profile to print")
     args = parser.parse_args()
@@ -106,6 +108,7 @@ def main() -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     with tempfile.TemporaryDirectory(prefix="gatewayd-profile-") as tmp:
         work = Path(tmp)
+        work.chmod(0o755)  # nginx's workers (user nobody) must read the /1m file below it
         certs = make_pki(work)
         backend = NginxBackend(work, certs.backend, LOAD_CPUS)
         gateway = Gatewayd(work, certs, backend.port, 1, "ec", PROXY_CPUS)

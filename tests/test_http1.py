@@ -752,3 +752,23 @@ def test_response_split_feeding_equals_one_shot() -> None:
     assert expected[-1] is END
     for chunks in splits(head_data):
         assert resp(chunks, b"HEAD") == expected
+
+
+def test_content_length_body_is_counted_and_passed_on_as_received() -> None:
+    """A Content-Length body is counted, not re-parsed: a chunk wholly inside the body
+    comes out as the very object fed (no copy), the last one is cut at the length, and
+    anything after it marks the connection as not reusable."""
+    body = bytes(range(256)) * 40  # 10,240 bytes
+    p = ResponseParser(request_method=b"GET")
+    events = p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10240\r\n\r\n" + body[:3000])
+    assert events[0].content_length == 10240 and events[1:] == [body[:3000]]
+    middle = body[3000:10000]
+    (chunk,) = p.feed(middle)
+    assert chunk is middle
+    assert p.feed(body[10000:] + b"HTTP/1.1 200 OK\r\n") == [body[10000:], END]
+    assert p.extra
+    assert p.feed(b"more") == [] and p.feed_eof() == []
+    truncated = ResponseParser(request_method=b"GET")
+    truncated.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort")
+    with pytest.raises(HttpError, match="truncated"):
+        truncated.feed_eof()

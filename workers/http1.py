@@ -539,6 +539,7 @@ class ResponseParser:
         "_head",
         "_headers",
         "_interims",
+        "_left",
         "_max_hdr",
         "_max_headers",
         "_method_head",
@@ -573,6 +574,7 @@ class ResponseParser:
         self._chunked = False
         self._interims = 0
         self._began = False
+        self._left: int | None = None  # bytes still due of a Content-Length body
         self._p = httptools.HttpResponseParser(self)
 
     def feed(self, data: bytes) -> list[ResponseEvent]:
@@ -586,7 +588,9 @@ class ResponseParser:
         events: list[ResponseEvent] = []
         self._events = events
         try:
-            if self._state == _BODY:
+            if self._left is not None:
+                self._count_body(data)
+            elif self._state == _BODY:
                 self._p.feed_data(data)
             else:
                 self._feed_heads(data)
@@ -658,9 +662,12 @@ class ResponseParser:
                 if not self._done or self._err is not None:
                     raise
             rest = data[end:]
-            if self._state == _BODY:  # final response with a body: llhttp frames it
+            if self._state == _BODY:  # final response with a body
                 if rest:
-                    p.feed_data(rest)
+                    if self._left is not None:
+                        self._count_body(rest)
+                    else:
+                        p.feed_data(rest)  # chunked or close-delimited: llhttp frames it
                 return
             if self._done:  # final response without a body (HEAD, 204, 304, 101)
                 if rest:
@@ -669,6 +676,25 @@ class ResponseParser:
                         self.trailing = rest
                 return
             data = rest  # after an interim response: the next head follows
+
+    def _count_body(self, data: bytes) -> None:
+        """A Content-Length body needs counting, not parsing: its bytes are passed on as
+        they came (no copy through llhttp), and whatever follows the last one is `extra`
+        (the connection is not reused then)."""
+        left = self._left
+        assert left is not None
+        size = len(data)
+        if size < left:
+            self._left = left - size
+            self._events.append(data)
+            return
+        self._events.append(data if size == left else data[:left])
+        self._events.append(END)
+        self._left = None
+        self._done = True
+        self._state = _IDLE
+        if size > left:
+            self.extra = True
 
     def _fail(self, info: str) -> NoReturn:
         err = HttpError(502, "invalid_response: " + info)
@@ -763,6 +789,8 @@ class ResponseParser:
             self._state = _IDLE
         else:
             self._state = _BODY
+            if cl:  # counted by _count_body from here on; llhttp completes a 0 itself
+                self._left = cl
 
     def _persistent(self, version: bytes) -> bool:
         """RFC 9112 section 9.3, computed here for bodiless responses llhttp misjudges
