@@ -100,6 +100,37 @@ def test_sni_picks_certificate_among_listeners_on_one_port(tmp_path: Path, pki,
         assert status == 404
 
 
+def test_routing_follows_each_requests_host_on_one_connection(tmp_path: Path, pki,
+                                                              backend_factory) -> None:
+    """Routing decisions are remembered per (Host, SNI, target): the same target on one
+    keep-alive connection still goes wherever each request's Host says."""
+    app, two = backend_factory("app"), backend_factory("two")
+    port = free_port()
+    spec = simple_spec(tmp_path, cert=pki.issue(["127.0.0.1"]),
+                       backends={"app": app, "two": two}, port=port, workers=1)
+    blog = pki.issue(["blog.example.test"])
+    spec.listeners.append({"name": "blog", "bind": f"127.0.0.1:{port}", "protocol": "https",
+                           "host_names": ["blog.example.test"],
+                           "certificate": str(blog.cert_path),
+                           "private_key": str(blog.key_path)})
+    spec.rules.append({"name": "blog", "priority": 20, "listener": "blog",
+                       "backend_pool": "two", "backend_settings": "two-tls"})
+    with Gateway(tmp_path, spec):
+        conn = https_connection("127.0.0.1", port, sni=None, cafile=None)
+        try:
+            seen = []
+            for host in ["blog.example.test", "other.test", "BLOG.example.test:443",
+                         "other.test", "blog.example.test"] * 2:
+                conn.request("GET", "/same?q=1", headers={"Host": host})
+                response = conn.getresponse()
+                seen.append((host, response.status, _json_body(response.read())["backend"]))
+        finally:
+            conn.close()
+    expected = [(host, 200, "two" if host.lower().startswith("blog") else "app")
+                for host, _, _ in seen]
+    assert seen == expected
+
+
 @pytest.mark.parametrize("case", ["pin_mismatch", "name_mismatch", "untrusted_chain"])
 def test_refused_backend_receives_zero_bytes(tmp_path: Path, pki, backend_factory,
                                              case: str) -> None:
