@@ -7,8 +7,6 @@ parser whatever recv() returned (RFC 9112 does not align messages with reads).
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +20,7 @@ from gatewayd.workers.http1 import (
     ResponseParser,
 )
 
-SMUGGLING_CASES = Path("/work/shared/smuggling-cases.json")
+from tests.support.corpus import smuggling_cases
 
 Event = Any
 
@@ -503,7 +501,7 @@ def test_upgrade_with_chunked_body_is_refused() -> None:
 
 
 def _cases() -> list[dict[str, Any]]:
-    return list(json.loads(SMUGGLING_CASES.read_text())["cases"])
+    return smuggling_cases()
 
 
 def _run_case(case: dict[str, Any], chunks: list[bytes]) -> tuple[list[Event], HttpError | None]:

@@ -1,4 +1,4 @@
-"""Request smuggling, live: every case of /work/shared/smuggling-cases.json (plus our own)
+"""Request smuggling, live: every case of the shared corpus (tests/support/corpus.py; plus our own)
 goes on its own TLS connection through a real gatewayd to a recording backend.
 
 Per the corpus `_meta`: a rejected case gets one of its `reject_statuses`, nothing of it
@@ -10,24 +10,20 @@ responses than intended, and a plain GET works afterwards.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.support.corpus import smuggling_cases
 from tests.support.gateway import Gateway, simple_spec
 from tests.support.pki import TestPKI
 from tests.support.procs import Backend, wait_for
 from tests.support.rawclient import Closed, RawClient, Response, get, parse_responses
 
-CASES_FILE = Path(os.environ.get("SMUGGLING_CASES", "/work/shared/smuggling-cases.json"))
-_DATA = json.loads(CASES_FILE.read_text()) if CASES_FILE.exists() else {"cases": []}
-CASES = {c["id"]: c for c in _DATA["cases"]}
+CASES = {c["id"]: c for c in smuggling_cases()}
 # Cases whose note allows a silent close instead of an error response.
 SILENT_CLOSE_OK = {"reqline-http09"}
 
@@ -146,7 +142,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 # -- the shared corpus ------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not CASES, reason=f"{CASES_FILE} not found")
 @pytest.mark.parametrize("case_id", list(CASES))
 def test_corpus_case(env: Env, case_id: str) -> None:
     case = CASES[case_id]
