@@ -102,11 +102,10 @@ class Balancer:
     ) -> tuple[Server, list[tuple[bytes, bytes]]]:
         """The server for a request and the headers to add to its response (a fresh
         affinity cookie when one is due); IndexError when no server is usable."""
-        key = (pool, settings_name)
-        pair = self._pairs.get(key) or self._pair(pool, settings_name)
+        pair = self._pair(pool, settings_name)
         settings = pair.settings
         if not settings.cookie_based_affinity:
-            return self._pick(pair, key, None), []
+            return self._pick(pair, (pool, settings_name), None), []
         value = affinity.read_cookie(request_headers, settings.affinity_cookie_name)
         if value is not None:
             position = pair.cookies.get(value)
@@ -125,8 +124,7 @@ class Balancer:
 
     def pick(self, pool: str, settings_name: str, exclude: Server | None = None) -> Server:
         """Round robin over the usable servers; IndexError when there is none."""
-        key = (pool, settings_name)
-        return self._pick(self._pairs.get(key) or self._pair(pool, settings_name), key, exclude)
+        return self._pick(self._pair(pool, settings_name), (pool, settings_name), exclude)
 
     def _pick(self, pair: _Pair, key: tuple[str, str], exclude: Server | None) -> Server:
         health = self._health

@@ -15,7 +15,6 @@ from typing import Any
 from gatewayd import metrics as m
 
 _NBUCKETS = len(m.LATENCY_BUCKETS) + 1
-_STATUS_TEXT = {status: str(status) for status in range(100, 600)}
 
 
 class _Histogram:
@@ -58,14 +57,8 @@ class Stats:
 
     def request_done(self, listener: str, rule: str, pool: str, status: int,
                      duration: float) -> None:
-        code = _STATUS_TEXT.get(status) or str(status)
-        self.counters[("requests", (listener, rule, pool, code))] += 1
-        key = ("request_duration", (listener,))
-        hist = self.histograms.get(key)
-        if hist is None:
-            hist = self.histograms[key] = _Histogram()
-        hist.counts[m.bucket_index(duration)] += 1
-        hist.total += duration
+        self.counters[("requests", (listener, rule, pool, str(status)))] += 1
+        self.observe("request_duration", (listener,), duration)
 
     # -- flushing (once a second, from a greenlet) ------------------------------------
 
