@@ -62,21 +62,27 @@ def test_curl_through_gateway_routes_by_path_and_adds_forwarding_headers(
         assert record["request_id"] and record["listener"] == "front"
 
 
-def test_sni_picks_certificate_among_listeners_on_one_port(tmp_path: Path, pki,
-                                                           backend_factory) -> None:
-    """Two https listeners share a bind; openssl s_client -servername sees each cert."""
-    backend = backend_factory("app")
-    shop = pki.issue(["shop.example.test"])
+def _add_blog_listener(spec: GatewaySpec, pki, port: int, pool: str) -> None:
+    """A second https listener on the same bind, named blog.example.test (with its own
+    certificate), whose rule sends to `pool`."""
     blog = pki.issue(["blog.example.test"])
-    port = free_port()
-    spec = simple_spec(tmp_path, cert=shop, backends={"app": backend}, port=port)
-    spec.listeners[0]["host_names"] = ["shop.example.test"]
     spec.listeners.append({"name": "blog", "bind": f"127.0.0.1:{port}", "protocol": "https",
                            "host_names": ["blog.example.test"],
                            "certificate": str(blog.cert_path),
                            "private_key": str(blog.key_path)})
     spec.rules.append({"name": "blog", "priority": 20, "listener": "blog",
-                       "backend_pool": "app", "backend_settings": "app-tls"})
+                       "backend_pool": pool, "backend_settings": f"{pool}-tls"})
+
+
+def test_sni_picks_certificate_among_listeners_on_one_port(tmp_path: Path, pki,
+                                                           backend_factory) -> None:
+    """Two https listeners share a bind; openssl s_client -servername sees each cert."""
+    backend = backend_factory("app")
+    shop = pki.issue(["shop.example.test"])
+    port = free_port()
+    spec = simple_spec(tmp_path, cert=shop, backends={"app": backend}, port=port)
+    spec.listeners[0]["host_names"] = ["shop.example.test"]
+    _add_blog_listener(spec, pki, port, pool="app")
     with Gateway(tmp_path, spec):
         for name in ("shop.example.test", "blog.example.test"):
             out = subprocess.run(
@@ -108,13 +114,7 @@ def test_routing_follows_each_requests_host_on_one_connection(tmp_path: Path, pk
     port = free_port()
     spec = simple_spec(tmp_path, cert=pki.issue(["127.0.0.1"]),
                        backends={"app": app, "two": two}, port=port, workers=1)
-    blog = pki.issue(["blog.example.test"])
-    spec.listeners.append({"name": "blog", "bind": f"127.0.0.1:{port}", "protocol": "https",
-                           "host_names": ["blog.example.test"],
-                           "certificate": str(blog.cert_path),
-                           "private_key": str(blog.key_path)})
-    spec.rules.append({"name": "blog", "priority": 20, "listener": "blog",
-                       "backend_pool": "two", "backend_settings": "two-tls"})
+    _add_blog_listener(spec, pki, port, pool="two")
     with Gateway(tmp_path, spec):
         conn = https_connection("127.0.0.1", port, sni=None, cafile=None)
         try:
