@@ -278,8 +278,8 @@ class TLSStream:
         """After a full-sized record (the peer is streaming a body), take the records
         that have already arrived too, up to `size` bytes in all, without waiting: one
         SSL_read returns at most one record (16 KiB), and every chunk handed up costs
-        the proxy a parser call and a write.  Stops at "would block" or any error; an
-        error is met again, and reported, by the next recv()."""
+        the proxy a parser call and a write.  Stops at "would block" or at the end of
+        the stream, which is kept in `_ended` and reported by the next recv()."""
         ssl = self._ssl
         while n < size:
             more = _SSL_read(ssl, _RECV_BUF + n, size - n)
