@@ -10,6 +10,8 @@ and prints the worker's user/system CPU per request from /proc.  Optionally atta
   keeps the raw samples in `bench/out/`.
 * `--tool perf`: `perf record -g` on the worker; prints the share per shared object
   (interpreter vs kernel vs OpenSSL vs llhttp), which py-spy cannot show.
+* `--tool strace`: `strace -c` on the worker; prints system calls per request (or
+  connection), to see reads per TLS record, would-block reads and epoll traffic.
 
 Profilers slow the worker down, so read their CPU-per-request line as "under the profiler";
 compare code versions with plain runs, interleaved (A, B, A, B...), since this machine's
@@ -88,13 +90,30 @@ def _perf_by_object(data: Path) -> list[str]:
     return [line for line in out.splitlines() if line.strip() and not line.startswith("#")]
 
 
+def _syscalls_per(summary: Path, done: int) -> list[str]:
+    """`strace -c`'s table as calls per request/connection, most frequent first.  strace
+    runs for the whole load while the count covers it too, so the ratio is close."""
+    rows = []
+    for line in summary.read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and fields[0][0].isdigit() and fields[-1][0].isalpha():
+            calls, name = int(fields[3]), fields[-1]
+            errors = int(fields[4]) if len(fields) == 6 else 0
+            if name != "total":
+                rows.append((calls, errors, name))
+    rows.sort(reverse=True)
+    return [f"{calls / max(done, 1):7.2f}  {name}"
+            + (f"  ({errors / max(done, 1):.2f} failed)" if errors else "")
+            for calls, errors, name in rows]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--scenario", choices=("ka", "hs", "mib"), default="ka",
                         help="ka: keep-alive /small (wrk); hs: one full handshake per "
                              "request (s_time); mib: 1 MiB responses, 8 connections (wrk)")
-    parser.add_argument("--tool", choices=("none", "py-spy", "perf"), default="none")
+    parser.add_argument("--tool", choices=("none", "py-spy", "perf", "strace"), default="none")
     parser.add_argument("--top", type=int, default=30, help="lines of profile to print")
     args = parser.parse_args()
     tool = args.tool
@@ -116,7 +135,8 @@ def main() -> int:
             worker = _worker_pid(work / "gatewayd-1w-ec" / "run")
             _load(gateway.port, args.scenario, 1)  # warm-up: pooled backend connections
             attached: subprocess.Popen[bytes] | None = None
-            raw = OUT / f"profile-{stamp}.{'txt' if args.tool == 'py-spy' else 'perf.data'}"
+            suffix = {"py-spy": "txt", "perf": "perf.data"}.get(args.tool, "strace.txt")
+            raw = OUT / f"profile-{stamp}.{suffix}"
             if args.tool == "py-spy":
                 attached = subprocess.Popen([tool, "record", "-p", str(worker), "-r", "400",
                                              "-f", "raw", "-o", str(raw), "-d",
@@ -125,6 +145,10 @@ def main() -> int:
                 attached = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-p",
                                              str(worker), "-o", str(raw), "--", "sleep",
                                              str(args.seconds)])
+            elif args.tool == "strace":
+                attached = subprocess.Popen(["timeout", "-s", "INT", str(args.seconds),
+                                             "strace", "-c", "-p", str(worker), "-o",
+                                             str(raw)])
             backend_pids = tree(backend.proc.pid)
             user0, sys0 = _cpu(worker)
             backend0 = cpu_seconds(backend_pids)
@@ -147,6 +171,9 @@ def main() -> int:
     elif args.tool == "perf":
         print(f"\nperf, share per object ({raw}):")
         print("\n".join(_perf_by_object(raw)[: args.top]))
+    elif args.tool == "strace":
+        print(f"\nstrace -c, calls per {unit} ({raw}):")
+        print("\n".join(_syscalls_per(raw, done)))
     return 0
 
 

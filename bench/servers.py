@@ -12,6 +12,7 @@ import shutil
 import ssl
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,7 +248,10 @@ backend be
 class Gatewayd(Server):
     def __init__(self, work: Path, certs: Certs, backend_port: int, workers: int,
                  key: str, cpus: str | None, *, access_log: bool = False,
-                 metrics: bool = True, tag: str = "") -> None:
+                 metrics: bool = True, tag: str = "", wrapper: Sequence[str] = (),
+                 boot_timeout: float = 20.0) -> None:
+        """`wrapper` goes before the gatewayd command (bench/instructions.py runs it under
+        valgrind, which also needs a longer `boot_timeout`)."""
         self.label = f"gatewayd-{workers}w{tag}"
         d = work / f"{self.label}-{key}"
         shutil.rmtree(d, ignore_errors=True)
@@ -276,10 +280,11 @@ class Gatewayd(Server):
         if not metrics:
             env["GATEWAYD_METRICS"] = "off"
         exe = str(Path(sys.executable).parent / "gatewayd")
-        self.proc = Proc(self.label, pinned(cpus, [exe, "-c", str(d / "gatewayd.toml")]),
-                         d, env=env)
-        wait_port(self.port, proc=self.proc)
-        deadline = time.monotonic() + 20
+        self.proc = Proc(self.label, pinned(cpus, [*wrapper, exe, "-c",
+                                                   str(d / "gatewayd.toml")]), d, env=env)
+        self.runtime_dir = d / "run"
+        wait_port(self.port, timeout=boot_timeout, proc=self.proc)
+        deadline = time.monotonic() + boot_timeout
         while len(list((d / "run").glob("worker-*.heartbeat"))) < workers:
             self.proc.check_alive()
             if time.monotonic() > deadline:
