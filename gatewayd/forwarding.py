@@ -158,6 +158,9 @@ def _response_kind(lower: bytes) -> int:
     return _DROP if lower in _RESPONSE_DROP else _KEEP
 
 
+# (status, reason) → the status line: backends repeat the same few.
+_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
+
 # name as received → (lower-case name, kind); seeded with the usual spellings.
 _REQUEST_NAMES: dict[bytes, tuple[bytes, int]] = {}
 _RESPONSE_NAMES: dict[bytes, tuple[bytes, int]] = {}
@@ -196,6 +199,19 @@ def _seed() -> None:
 
 
 _seed()
+
+
+# Connection values that list no field beyond the standard hop-by-hop set: what nearly
+# every peer sends, answered without splitting.
+_PLAIN_CONNECTION = frozenset((b"keep-alive", b"close", b"Keep-Alive", b"Close", b"upgrade",
+                               b"Upgrade"))
+
+
+def _listed_fields(values: list[bytes]) -> set[bytes]:
+    """The field names Connection lists that must go too: beyond the hop-by-hop set."""
+    if len(values) == 1 and values[0] in _PLAIN_CONNECTION:
+        return set()
+    return _connection_tokens(values) - _NOT_LISTED_FIELDS
 
 
 def _connection_tokens(values: list[bytes]) -> set[bytes]:
@@ -265,7 +281,7 @@ def upstream_request_head(
             connection.append(value)
 
     if connection is not None:
-        listed = _connection_tokens(connection) - _NOT_LISTED_FIELDS
+        listed = _listed_fields(connection)
         if listed:
             if b"x-forwarded-for" in listed:
                 xff.clear()
@@ -329,7 +345,12 @@ def client_response_head(
     `Connection: keep-alive` when not closing: an HTTP/1.0 client only keeps a connection
     it was told is persistent (RFC 9112 §9.3).
     """
-    parts: list[bytes] = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+    line = _STATUS_LINES.get((status, reason))
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+        if len(_STATUS_LINES) < _CACHE_LIMIT:
+            _STATUS_LINES[(status, reason)] = line
+    parts: list[bytes] = [line]
     append = parts.append
     names = _RESPONSE_NAMES
     connection: list[bytes] | None = None
@@ -349,7 +370,7 @@ def client_response_head(
             connection.append(value)
 
     if connection is not None:
-        listed = _connection_tokens(connection) - _NOT_LISTED_FIELDS
+        listed = _listed_fields(connection)
         if listed:
             _drop_listed(parts, 1, names, listed)
 

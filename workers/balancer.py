@@ -131,6 +131,11 @@ class Balancer:
         if exclude is None and not self._down_until:  # the common case, kept short
             if health is None:
                 usable = pair.servers
+            elif len(pair.servers) == 1:  # one server: no list, no turn to take
+                slot = pair.slots[0]
+                if slot < 0 or health.healthy(slot):
+                    return pair.servers[0]
+                raise IndexError(key[0])
             else:
                 healthy = health.healthy
                 usable = [server for server, slot in zip(pair.servers, pair.slots, strict=True)

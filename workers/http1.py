@@ -52,9 +52,15 @@ _HOST_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?:
 _NO_BODY_STATUS = frozenset((204, 304))
 # lengths of the request fields inspected here: host, expect, content-length, transfer-encoding
 _SPECIAL_LENS = frozenset((4, 6, 14, 17))
+# ... and of the response fields: content-length, transfer-encoding
+_FRAMING_LENS = frozenset((14, 17))
 
 
 _REASON_CHARS = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
+# Reason phrases already found valid: a backend sends the same few again and again, and a
+# set lookup costs a fraction of the character check.  Bounded like forwarding's caches.
+_GOOD_REASONS: set[bytes] = set()
+_GOOD_REASONS_LIMIT = 256
 
 class HttpError(Exception):
     """The peer sent something we refuse; the connection must be closed after answering.
@@ -537,6 +543,7 @@ class ResponseParser:
         "_events",
         "_hdr_bytes",
         "_head",
+        "_head_len",
         "_headers",
         "_interims",
         "_left",
@@ -570,6 +577,7 @@ class ResponseParser:
         self._headers: list[tuple[bytes, bytes]] = []
         self._hdr_bytes = 0
         self._head: ResponseHead | None = None
+        self._head_len = 0
         self._cl: int | None = None
         self._chunked = False
         self._interims = 0
@@ -652,6 +660,7 @@ class ResponseParser:
                         self._fail("header_too_large")
                 return
             end = start + i + 4 - len(tail)
+            self._head_len = self._raw + end - start  # checked in on_headers_complete
             self._tail = b""
             self._raw = 0
             try:
@@ -719,26 +728,24 @@ class ResponseParser:
         self._reason += reason
         if len(self._reason) > 8192:
             self._fail("status_line_too_long")
-        if reason.translate(None, _REASON_CHARS):
-            self._fail("bad reason phrase")  # only HTAB, SP, VCHAR, obs-text (RFC 9112 §4)
+        if reason not in _GOOD_REASONS:
+            if reason.translate(None, _REASON_CHARS):
+                self._fail("bad reason phrase")  # only HTAB, SP, VCHAR, obs-text (RFC 9112 §4)
+            if len(_GOOD_REASONS) < _GOOD_REASONS_LIMIT:
+                _GOOD_REASONS.add(reason)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # The head's size and field count are checked once it is complete (_feed_heads,
+        # on_headers_complete): this runs for every field of every response.
         if self._state != _HEAD:  # trailers: bounded by the same limits, then dropped
             self._hdr_bytes += len(name) + len(value) + 4
             if self._hdr_bytes > self._max_hdr:
                 self._fail("header_too_large")
             return
-        headers = self._headers
-        if len(headers) >= self._max_headers:
-            self._fail("too_many_headers")
-        self._hdr_bytes += len(name) + len(value) + 4
-        if self._hdr_bytes > self._max_hdr:
-            self._fail("header_too_large")
         if value and value[-1] in _OWS:
             value = value.rstrip(_OWS)
-        headers.append((name, value))
-        n = len(name)
-        if n == 14 or n == 17:
+        self._headers.append((name, value))
+        if len(name) in _FRAMING_LENS:
             lname = name.lower()
             if lname == b"content-length":
                 if self._cl is not None or not value.isdigit():
@@ -758,6 +765,12 @@ class ResponseParser:
         version = _VERSIONS.get(p.get_http_version())
         if version is None:
             self._fail("unsupported HTTP version")
+        if len(self._headers) > self._max_headers:
+            self._fail("too_many_headers")
+        # The field lines' size, as the request side counts it: the head minus the status
+        # line ("HTTP/1.1 200 " + reason + CRLF, bounded in on_status) and the blank line.
+        if self._head_len - len(self._reason) - 17 > self._max_hdr:
+            self._fail("header_too_large")
         status = p.get_status_code()
         chunked = self._chunked
         cl = self._cl
