@@ -225,14 +225,35 @@ def _connection_tokens(values: list[bytes]) -> set[bytes]:
     return tokens
 
 
+# (client ip, port or 0) → its X-Forwarded-For element; emptied when full (a connection
+# sends many requests, and most listeners leave the port out, so few keys are live).
+_CLIENT_ELEMENTS: dict[tuple[str, int], bytes] = {}
+_PORT_TEXT: dict[int, bytes] = {}
+
+
 def _client_address(ctx: ForwardContext) -> bytes:
     """The X-Forwarded-For element for the client: `ip`, or `ip:port` / `[ip]:port`
     (RFC 3986 §3.2.2 brackets for IPv6) in the Azure-compatible port format."""
-    if not ctx.xff_with_port:
-        return ctx.client_ip.encode("ascii")
-    if ":" in ctx.client_ip:
-        return f"[{ctx.client_ip}]:{ctx.client_port}".encode("ascii")
-    return f"{ctx.client_ip}:{ctx.client_port}".encode("ascii")
+    key = (ctx.client_ip, ctx.client_port if ctx.xff_with_port else 0)
+    element = _CLIENT_ELEMENTS.get(key)
+    if element is None:
+        if not ctx.xff_with_port:
+            element = ctx.client_ip.encode("ascii")
+        elif ":" in ctx.client_ip:
+            element = f"[{ctx.client_ip}]:{ctx.client_port}".encode("ascii")
+        else:
+            element = f"{ctx.client_ip}:{ctx.client_port}".encode("ascii")
+        if len(_CLIENT_ELEMENTS) >= _CACHE_LIMIT:
+            _CLIENT_ELEMENTS.clear()
+        _CLIENT_ELEMENTS[key] = element
+    return element
+
+
+def _port_text(port: int) -> bytes:
+    text = _PORT_TEXT.get(port)
+    if text is None:
+        text = _PORT_TEXT[port] = b"%d" % port  # one entry per listener port
+    return text
 
 
 def upstream_request_head(
@@ -293,7 +314,7 @@ def upstream_request_head(
         b"Host: ", ctx.upstream_host, b"\r\n",
         b"X-Forwarded-For: ", forwarded_for, b"\r\n",
         b"X-Forwarded-Proto: ", ctx.scheme, b"\r\n",
-        b"X-Forwarded-Port: ", b"%d" % ctx.listener_port, b"\r\n",
+        b"X-Forwarded-Port: ", _port_text(ctx.listener_port), b"\r\n",
         b"X-Forwarded-Host: ", ctx.client_host, b"\r\n",
         b"X-Original-Host: ", ctx.client_host, b"\r\n",
         b"X-Request-Id: ", ctx.request_id.encode("ascii"), b"\r\n",

@@ -61,6 +61,9 @@ _REASON_CHARS = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
 # set lookup costs a fraction of the character check.  Bounded like forwarding's caches.
 _GOOD_REASONS: set[bytes] = set()
 _GOOD_REASONS_LIMIT = 256
+# Host values already found well-formed (the same few arrive on every request).
+_GOOD_HOSTS: set[bytes] = set()
+_GOOD_HOSTS_LIMIT = 1024
 
 class HttpError(Exception):
     """The peer sent something we refuse; the connection must be closed after answering.
@@ -406,8 +409,11 @@ class RequestParser:
             if version == b"1.1":
                 self._fail(400, "missing_host")
             host = b""
-        elif _HOST_RE.fullmatch(host) is None:
-            self._fail(400, "invalid_host")
+        elif host not in _GOOD_HOSTS:
+            if _HOST_RE.fullmatch(host) is None:
+                self._fail(400, "invalid_host")
+            if len(_GOOD_HOSTS) < _GOOD_HOSTS_LIMIT:
+                _GOOD_HOSTS.add(host)
         if target[0] != 47:  # not origin-form
             host = self._check_target(target, host)
         if b"#" in target:  # a fragment is never part of a request-target (RFC 9112 3.2)

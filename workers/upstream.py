@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from OpenSSL import SSL
 
@@ -66,10 +66,13 @@ class Server:
 
     host: str
     port: int
+    # `host:port` (`[v6]:port`) for logs and metric labels: used several times per request,
+    # so made once (an IPv6 literal gets brackets, RFC 3986 §3.2.2).
+    label: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def label(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+    def __post_init__(self) -> None:
+        label = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        object.__setattr__(self, "label", label)
 
 
 def parse_server(text: str, default_port: int) -> Server:
