@@ -22,7 +22,7 @@ from gatewayd.backendpath import override_path
 from gatewayd.clientcert import NO_CERTIFICATE, ClientCertInfo
 from gatewayd.clientcert import describe as describe_client_cert
 from gatewayd.forwarding import ForwardContext, gateway_response, upstream_request_head
-from gatewayd.model import Listener, ServerSettings
+from gatewayd.model import BackendSettings, Listener, ServerSettings
 from gatewayd.rewrites import CompiledRewriteSet, RequestVariables
 from gatewayd.routing import (
     BindRouter,
@@ -84,13 +84,26 @@ class BindContext:
 
     `routes` remembers what routing decided for recent (Host, SNI, target) triples:
     routing is a pure function of the generation's config, so a repeated request skips
-    target normalisation, the Host/SNI lookup and the path match (see `_proxy`)."""
+    target normalisation, the Host/SNI lookup, the path match and the URI rewriting
+    (see `_route`)."""
 
     port: int
     router: BindRouter
     tls: BindTLS | None
-    routes: dict[tuple[bytes, str | None, bytes], tuple[Target, Listener, Route]] = field(
-        default_factory=dict)
+    routes: dict[tuple[bytes, str | None, bytes], RoutePlan] = field(default_factory=dict)
+
+
+@dataclass(slots=True, frozen=True)
+class RoutePlan:
+    """What routing decided for one (Host, SNI, target), and what follows from it alone:
+    the backend settings and the URI sent to the backend (after a path override)."""
+
+    target: Target
+    listener: Listener
+    route: Route
+    settings: BackendSettings | None  # None for a redirect
+    uri: str  # the backend's request-target, as the access log shows it
+    uri_bytes: bytes
 
 
 @dataclass(slots=True)
@@ -342,7 +355,7 @@ class Connection:
                 pass
         return False
 
-    def _route(self, head: RequestHead, record: RequestRecord) -> tuple[Target, Listener, Route]:
+    def _route(self, head: RequestHead, record: RequestRecord) -> RoutePlan:
         """Routing (§5) for one request, remembered per bind; RoutingError is not
         remembered (re-raising one exception object would grow its traceback)."""
         key = (head.host, self.sni, head.target)
@@ -354,7 +367,15 @@ class Connection:
         listener = self.bind.router.select(head.host.decode("latin-1"), self.sni)
         record.listener = listener.name  # a 404 for "no rule" still names its listener
         route = self.rt.router.route(listener, target.path)
-        found = (target, listener, route)
+        settings = None  # a redirect has no backend
+        path = target.path
+        if route.redirect is None:
+            settings = self.rt.upstreams.settings(route.backend_settings)
+            if settings.path:
+                path = override_path(path, settings.path,
+                                     route.path_rule.paths if route.path_rule else ())
+        uri = path + ("?" + target.query if target.query else "")
+        found = RoutePlan(target, listener, route, settings, uri, uri.encode("latin-1"))
         if len(head.target) <= ROUTE_CACHE_KEY_BYTES:
             if len(routes) >= ROUTE_CACHE_SIZE:
                 routes.clear()
@@ -363,35 +384,30 @@ class Connection:
 
     def _proxy(self, head: RequestHead, record: RequestRecord) -> bool:
         try:
-            target, listener, route = self._route(head, record)
+            plan = self._route(head, record)
         except RoutingError as exc:
             return self._refuse(head, record, exc.status, exc.error_info)
+        target, listener, route, settings = plan.target, plan.listener, plan.route, plan.settings
         record.listener = listener.name
         record.set_route(route)
-        if route.redirect is not None:
+        if settings is None:  # a redirect
             return self._redirect(head, record, route, target.path, target.query)
-        path = target.path
-        override = self.rt.upstreams.settings(route.backend_settings).path
-        if override:
-            path = override_path(path, override,
-                                 route.path_rule.paths if route.path_rule else ())
-        uri = path + ("?" + target.query if target.query else "")
-        record.uri = uri
+        record.uri = plan.uri
         upstream = self._connect(head, route, record)
         if upstream is None:
             return False
         if head.expect_continue:
             self._send_client(CONTINUE)
-        ctx = self._forward_context(head, listener, route, upstream, record.request_id)
+        ctx = self._forward_context(head, listener, settings, upstream, record.request_id)
         framing = _request_framing(head)
         headers = head.headers
         if route.rewrites is not None:
             headers = self._rewrite(head, record, route.rewrites, target.path, target.query)
         record.upgrade = head.upgrade and is_websocket_upgrade(head.method, head.version,
                                                                head.headers)
-        request = upstream_request_head(head.method, uri.encode("latin-1"), headers, ctx,
-                                        framing, upgrade=b"websocket" if record.upgrade else None)
-        return self._relay(head, route, upstream, request, record)
+        request = upstream_request_head(head.method, plan.uri_bytes, headers, ctx, framing,
+                                        upgrade=b"websocket" if record.upgrade else None)
+        return self._relay(head, route, settings, upstream, request, record)
 
     def _rewrite(self, head: RequestHead, record: RequestRecord, rewrites: CompiledRewriteSet,
                  path: str, query: str) -> list[tuple[bytes, bytes]]:
@@ -468,9 +484,9 @@ class Connection:
         return None
 
     def _forward_context(
-        self, head: RequestHead, listener: Listener, route: Route, up: Upstream, request_id: str
+        self, head: RequestHead, listener: Listener, settings: BackendSettings, up: Upstream,
+        request_id: str,
     ) -> ForwardContext:
-        settings = self.rt.upstreams.settings(route.backend_settings)
         if settings.host_name:
             upstream_host = settings.host_name.encode("idna")
         elif settings.pick_host_name_from_backend_address:
@@ -493,14 +509,12 @@ class Connection:
         )
 
     def _relay(
-        self, head: RequestHead, route: Route, up: Upstream, request: bytes,
-        record: RequestRecord, retry: bool = False,
+        self, head: RequestHead, route: Route, settings: BackendSettings, up: Upstream,
+        request: bytes, record: RequestRecord, retry: bool = False,
     ) -> bool:
         """Send the request (head + streamed body) and stream the response back.  A retry
         (only ever of a body-less request) resends the head alone: the client's side of
         the request was consumed the first time."""
-        ups = self.rt.upstreams
-        settings = ups.settings(route.backend_settings)
         retryable = up.reused and head.method in IDEMPOTENT and _no_body(head)
         sent_at = time.monotonic()
         try:
@@ -516,7 +530,8 @@ class Connection:
                 fresh = self._reconnect(head, route, up, record)
                 if fresh is None:
                     return False
-                return self._relay(head, route, fresh, request, record, retry=True)
+                return self._relay(head, route, settings, fresh, request, record,
+                                   retry=True)
             self._backend_failed(record, exc.reason)
             return self._refuse(head, record, 502, exc.reason, body_pending=False)
         except StreamTimeout:
