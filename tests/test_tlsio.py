@@ -27,6 +27,8 @@ from gatewayd.workers.tlsio import (
     TLSStream,
     open_tcp,
     peer_closed,
+    return_relay_buffer,
+    take_relay_buffer,
 )
 from OpenSSL import SSL
 
@@ -322,6 +324,58 @@ def test_large_payload_one_way_then_close(pki: TestPKI, leaf: Leaf) -> None:
     finally:
         server.close()
         client.close()
+
+
+def _drain_into(stream: Any, buf: Any) -> tuple[bytes, int]:
+    """Read with recv_into until EOF: (sha256 of everything, number of reads)."""
+    digest, reads = hashlib.sha256(), 0
+    while True:
+        view = stream.recv_into(buf)
+        if not len(view):
+            return digest.digest(), reads
+        assert not isinstance(view, bytes)  # a view of the relay buffer, not a copy
+        digest.update(view)
+        reads += 1
+
+
+def test_recv_into_a_relay_buffer_over_tls(pki: TestPKI, leaf: Leaf) -> None:
+    """recv_into (what a Content-Length body relay uses) returns views of its own buffer
+    that together are the stream, byte for byte, then an empty view at EOF."""
+    server, client = handshake_pair(server_ctx(leaf), verifying_client_ctx(pki))
+    payload = os.urandom(BIG)
+    buf = take_relay_buffer()
+
+    def send() -> None:
+        server.sendall(payload)
+        server.close()
+
+    try:
+        _, (digest, reads) = run_both(send, lambda: _drain_into(client, buf))
+        assert digest == hashlib.sha256(payload).digest()
+        assert reads >= BIG // 65536
+        with guard(5):
+            assert not len(client.recv_into(buf))  # EOF stays EOF
+    finally:
+        client.close()
+        return_relay_buffer(buf)
+
+
+def test_recv_into_a_relay_buffer_over_plain_tcp() -> None:
+    left, right = socket.socketpair()
+    server, client = PlainStream(left, timeout=10), PlainStream(right, timeout=10)
+    payload = os.urandom(BIG)
+    buf = take_relay_buffer()
+
+    def send() -> None:
+        server.sendall(payload)
+        server.close()
+
+    try:
+        _, (digest, _) = run_both(send, lambda: _drain_into(client, buf))
+        assert digest == hashlib.sha256(payload).digest()
+    finally:
+        client.close()
+        return_relay_buffer(buf)
 
 
 def test_tlsconf_client_context_against_a_real_server(pki: TestPKI, leaf: Leaf) -> None:

@@ -591,6 +591,12 @@ class ResponseParser:
         self._left: int | None = None  # bytes still due of a Content-Length body
         self._p = httptools.HttpResponseParser(self)
 
+    @property
+    def counting(self) -> bool:
+        """A Content-Length body is being counted: `feed` hands each chunk back as the very
+        object it was given (so a caller may feed views of a buffer it reuses)."""
+        return self._left is not None
+
     def feed(self, data: bytes) -> list[ResponseEvent]:
         """Parse ``data``; returns the completed events, raises ``HttpError(502, ...)``."""
         if self._err is not None:

@@ -53,6 +53,8 @@ from .tlsio import (
     StreamTimeout,
     TLSHandshakeFailed,
     TLSStream,
+    return_relay_buffer,
+    take_relay_buffer,
 )
 from .upstream import Upstream, UpstreamConnectError, UpstreamError, UpstreamPool
 from .websocket import is_websocket_upgrade, splice
@@ -696,6 +698,7 @@ class Connection:
         record.status = resp.status
         sent = 0
         complete = False
+        relay = None  # a buffer of our own once a Content-Length body streams: no copies
         try:
             while True:
                 while pending:
@@ -713,8 +716,13 @@ class Connection:
                     self._send_client(b"".join(out))
                     break
                 self._send_client(b"".join(out) if len(out) > 1 else out[0])
-                out = []
-                data = up.stream.recv()
+                out = []  # nothing refers to the relay buffer's bytes any more
+                if parser.counting:
+                    if relay is None:
+                        relay = take_relay_buffer()
+                    data = up.stream.recv_into(relay)
+                else:
+                    data = up.stream.recv()
                 pending.extend(parser.feed(data) if data else parser.feed_eof())
         except (HttpError, StreamClosed, StreamTimeout) as exc:
             up.stream.close()
@@ -722,6 +730,9 @@ class Connection:
             self._backend_failed(record, "reset")
             record.bytes_sent = sent
             raise _Abort() from None  # the client sees the connection close mid-body
+        finally:
+            if relay is not None:
+                return_relay_buffer(relay)
         record.bytes_sent = sent
         if resp.keep_alive and not parser.extra:
             up.requests += 1

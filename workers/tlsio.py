@@ -56,6 +56,23 @@ _RECV_BUF = _ffi.new("char[]", RECV_SIZE)
 
 _CLEAN_EOF = object()  # TLSStream._ended: the peer closed cleanly after the data returned
 
+RelayBuffer = Any  # a cffi char[RECV_SIZE]: see take_relay_buffer
+_relay_buffers: list[RelayBuffer] = []
+_RELAY_BUFFERS_KEPT = 64
+
+
+def take_relay_buffer() -> RelayBuffer:
+    """A RECV_SIZE buffer of its own for one body relay.  `recv_into` reads into it and
+    hands back a view of the bytes, not a copy, which the relay writes out before its next
+    read; so a body crosses the gateway with no copy of ours (`recv` copies every chunk
+    out of the shared receive buffer).  Give it back with `return_relay_buffer`."""
+    return _relay_buffers.pop() if _relay_buffers else _ffi.new("char[]", RECV_SIZE)
+
+
+def return_relay_buffer(buf: RelayBuffer) -> None:
+    if len(_relay_buffers) < _RELAY_BUFFERS_KEPT:  # the rest is freed
+        _relay_buffers.append(buf)
+
 
 class StreamTimeout(Exception):
     """A read, write or handshake did not progress within its timeout."""
@@ -80,6 +97,8 @@ class Stream(Protocol):
     sock: socket.socket
 
     def recv(self, size: int = RECV_SIZE) -> bytes: ...
+
+    def recv_into(self, buf: RelayBuffer) -> Any: ...
 
     def sendall(self, data: bytes | memoryview) -> None: ...
 
@@ -146,6 +165,17 @@ class PlainStream:
         while True:
             try:
                 return self.sock.recv(size)
+            except BlockingIOError:
+                self._waiter.wait(_READ, self.timeout)
+            except (ConnectionResetError, BrokenPipeError) as exc:
+                raise StreamClosed(str(exc)) from exc
+
+    def recv_into(self, buf: RelayBuffer) -> Any:
+        """Like recv(), into `buf`: a view of the bytes read, valid until `buf` is reused."""
+        view = memoryview(_buffer(buf, RECV_SIZE))
+        while True:
+            try:
+                return view[:self.sock.recv_into(view)]
             except BlockingIOError:
                 self._waiter.wait(_READ, self.timeout)
             except (ConnectionResetError, BrokenPipeError) as exc:
@@ -251,19 +281,28 @@ class TLSStream:
     def recv(self, size: int = RECV_SIZE) -> bytes:
         """Return decrypted bytes; b"" on EOF (a close_notify or a bare TCP close: for
         HTTP the framing layer decides whether a message was cut short)."""
+        n = self._read(_RECV_BUF, min(size, RECV_SIZE))
+        return _buffer(_RECV_BUF, n)[:] if n else b""
+
+    def recv_into(self, buf: RelayBuffer) -> Any:
+        """Like recv(), into `buf` (see take_relay_buffer): a view of the decrypted bytes,
+        valid until `buf` is read into again; empty on EOF."""
+        return _buffer(buf, self._read(buf, RECV_SIZE))
+
+    def _read(self, buf: Any, size: int) -> int:
+        """Decrypt into `buf`: the number of bytes, 0 on EOF."""
         ended = self._ended
         if ended is not None:
             if isinstance(ended, StreamClosed):
                 raise ended
-            return b""  # _CLEAN_EOF
+            return 0  # _CLEAN_EOF
         ssl = self._ssl
-        size = min(size, RECV_SIZE)
         while True:
-            n = _SSL_read(ssl, _RECV_BUF, size)
+            n = _SSL_read(ssl, buf, size)
             if n > 0:
                 if n >= MAX_RECORD_PLAINTEXT:
-                    n = self._read_more(n, size)
-                return _buffer(_RECV_BUF, n)[:]
+                    n = self._read_more(buf, n, size)
+                return n
             error = _SSL_get_error(ssl, n)
             if error == _WANT_READ:
                 self._waiter.wait(_READ, self.timeout)
@@ -272,9 +311,9 @@ class TLSStream:
             else:
                 self._raise_ssl_error(n, reading=True)
                 self._ended = _CLEAN_EOF  # EOF stays EOF (OpenSSL would now report an error)
-                return b""
+                return 0
 
-    def _read_more(self, n: int, size: int) -> int:
+    def _read_more(self, buf: Any, n: int, size: int) -> int:
         """After a full-sized record (the peer is streaming a body), take the records
         that have already arrived too, up to `size` bytes in all, without waiting: one
         SSL_read returns at most one record (16 KiB), and every chunk handed up costs
@@ -282,7 +321,7 @@ class TLSStream:
         the stream, which is kept in `_ended` and reported by the next recv()."""
         ssl = self._ssl
         while n < size:
-            more = _SSL_read(ssl, _RECV_BUF + n, size - n)
+            more = _SSL_read(ssl, buf + n, size - n)
             if more > 0:
                 n += more
                 continue
