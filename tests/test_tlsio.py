@@ -524,6 +524,27 @@ def test_recv_timeout(pki: TestPKI, leaf: Leaf) -> None:
         client.close()
 
 
+def test_each_wait_gets_its_whole_timeout(pki: TestPKI, leaf: Leaf) -> None:
+    """A stream keeps one timer for the timeout it waits with; every wait re-arms it from
+    the moment it starts (a wait that ended early must not shorten the next one), and a
+    timer that fired does not fire again into a later wait."""
+    server, client = handshake_pair(server_ctx(leaf), verifying_client_ctx(pki))
+    client.timeout = 1.0
+    try:
+        late = gevent.spawn_later(0.6, server.sendall, b"x")
+        with guard(5):
+            assert client.recv() == b"x"  # the first wait ended after 0.6 of its 1.0 s
+        late.get()
+        with guard(5), elapsed_within(0.9, 3.0), pytest.raises(StreamTimeout):
+            client.recv()  # a whole 1.0 s again, not the 0.4 s left of the first wait
+        server.sendall(b"y")
+        with guard(5):
+            assert client.recv() == b"y"  # no stray timeout from the fired timer
+    finally:
+        server.close()
+        client.close()
+
+
 def test_handshake_timeout_when_client_never_speaks(leaf: Leaf) -> None:
     """A client that connects and says nothing: StreamTimeout within ~timeout."""
     ssock, csock = tcp_pair()
