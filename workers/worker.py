@@ -103,6 +103,7 @@ class Worker:
     def _accept_loop(self, bound: BoundListener) -> None:
         listen = bound.sock
         listen.setblocking(False)
+        family = int(listen.family)
         ctx = BindContext(port=bound.address.port, router=bound.router, tls=bound.tls)
         watcher = get_hub().loop.io(listen.fileno(), 1)
         rt = self.runtime
@@ -111,7 +112,10 @@ class Worker:
         try:
             while not self.stopping:
                 try:
-                    sock, addr = listen.accept()
+                    # _accept + a plain socket object: socket.accept() would also turn the
+                    # family and type into enum members for every connection.
+                    fd, addr = listen._accept()  # type: ignore[attr-defined]
+                    sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
                 except BlockingIOError:
                     get_hub().wait(watcher)
                     continue
