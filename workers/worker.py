@@ -22,7 +22,6 @@ import time
 from types import TracebackType
 
 import gevent
-import gevent.pool
 from gevent.hub import get_hub
 
 from gatewayd.health import HealthMap
@@ -32,6 +31,7 @@ from . import certwatch
 from .accesslog import AccessLog
 from .balancer import Balancer
 from .proxy import BindContext, Connection, DrainWake, Runtime
+from .serving import ServingGreenlets
 from .spec import READY, STOPPED_ACCEPTING, BoundListener, WorkerSpec
 from .stats import make_stats
 from .upstream import UpstreamPool
@@ -67,7 +67,7 @@ class Worker:
             stats=make_stats(tuple(lst.name for lst in spec.config.listeners)),
             fault_target=os.environ.get("GATEWAYD_FAULT_INJECTION", "").encode() or None,
         )
-        self.pool = gevent.pool.Pool(server.worker_connections)
+        self.pool = ServingGreenlets(server.worker_connections)
         self.accepting: list[gevent.Greenlet] = []
         self.drainer: gevent.Greenlet | None = None
         self.stopping = False
@@ -193,7 +193,7 @@ class Worker:
         if len(self.pool):
             log.warning("graceful_timeout %.0fs: cutting %d connections", timeout,
                         len(self.pool))
-            self.pool.kill(block=True, timeout=1)
+            self.pool.kill(timeout=1)
         self.runtime.upstreams.close_idle()
         self._flush_quietly()
         self.runtime.access_log.flush()
