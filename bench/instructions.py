@@ -60,7 +60,8 @@ def _h2load(port: int, scenario: str, requests: int) -> None:
             sys.exit(f"h2load did not complete {n} requests: {line or out[-500:]}")
 
 
-def _worker_instructions(scenario: str, requests: int, keep: Path | None = None) -> int:
+def _worker_instructions(scenario: str, requests: int, keep: Path | None = None,
+                         access_log: bool = False) -> int:
     """Start the backend and gatewayd under callgrind, send `requests`, stop, and return
     the worker's instruction count for its whole life (callgrind writes it at exit)."""
     with tempfile.TemporaryDirectory(prefix="gatewayd-instructions-") as tmp:
@@ -72,7 +73,7 @@ def _worker_instructions(scenario: str, requests: int, keep: Path | None = None)
         out_dir.mkdir()
         wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_dir}/cg.%p"]
         gateway = Gatewayd(work, certs, backend.port, 1, "ec", None, wrapper=wrapper,
-                           boot_timeout=BOOT_TIMEOUT)
+                           boot_timeout=BOOT_TIMEOUT, access_log=access_log)
         try:
             worker = _worker_pid(gateway.runtime_dir)
             _h2load(gateway.port, scenario, requests)
@@ -95,6 +96,9 @@ def main() -> int:
                              "mib: 1 MiB responses")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--access-log", action="store_true",
+                        help="with the JSON access log on (to a file), as `make bench`'s "
+                             "everything-on variant")
     parser.add_argument("--keep", type=Path, metavar="FILE",
                         help="keep the callgrind files: FILE (the longer run) and FILE.base; "
                              "python -m bench.instructions_diff FILE shows per function "
@@ -106,8 +110,10 @@ def main() -> int:
     # Two runs that differ only in the number of requests: boot, warm-up and shutdown
     # cancel out in the difference.
     base = _worker_instructions(args.scenario, args.warmup,
-                                args.keep.with_suffix(".base") if args.keep else None)
-    more = _worker_instructions(args.scenario, args.warmup + args.requests, args.keep)
+                                args.keep.with_suffix(".base") if args.keep else None,
+                                args.access_log)
+    more = _worker_instructions(args.scenario, args.warmup + args.requests, args.keep,
+                                args.access_log)
     total = more - base
     unit = "connection" if args.scenario == "hs" else "request"
     print(f"{args.scenario}: {total / args.requests:,.0f} instructions per {unit} "
