@@ -7,6 +7,8 @@ import base64
 import datetime as dt
 import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -642,10 +644,46 @@ def test_missing_pinned_certificate_matches_the_contract_example(
     )
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def _only_as_nobody(base: Path, text: str) -> str:
+    """`only()` in a forked child that runs as uid/gid 65534, so that file permissions
+    apply when the tests run as root (as they do in CI).  The files are copied to a
+    directory that user can enter (pytest's own temp root is private to root)."""
+    world = Path(tempfile.mkdtemp(prefix="gatewayd-perm-"))
+    try:
+        shutil.copytree(base, world, dirs_exist_ok=True)
+        for directory in (world, *(p for p in world.rglob("*") if p.is_dir())):
+            directory.chmod(0o777)
+        (world / "certs/shop.key").chmod(0)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: drop root, load, report, exit without pytest's teardown
+            status = 1
+            try:
+                os.close(read_end)
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                os.write(write_end, only(world, text).encode())
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            answer = pipe.read().decode()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, answer
+        return answer
+    finally:
+        shutil.rmtree(world, ignore_errors=True)
+
+
 def test_unreadable_file(tmp_path: Path, pki: dict[str, Issued]) -> None:
-    (tmp_path / "certs/shop.key").chmod(0)
-    assert only(tmp_path, VALID) == (
+    if os.geteuid() == 0:  # root reads any file: check as an unprivileged user instead
+        found = _only_as_nobody(tmp_path, VALID)
+    else:
+        (tmp_path / "certs/shop.key").chmod(0)
+        found = only(tmp_path, VALID)
+    assert found == (
         f"gw.toml:{line_of(VALID, 'private_key')}: listener[shop].private_key: "
         "permission denied reading 'certs/shop.key'"
     )
