@@ -19,30 +19,15 @@ figures; this tells quickly and exactly whether a change removed work.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from bench.servers import Gatewayd, NginxBackend, make_pki
 
 BOOT_TIMEOUT = 300.0  # s: the master and worker import everything under valgrind
-
-
-def _worker_pid(runtime_dir: Path, timeout: float = 60.0) -> int:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            pids = json.loads((runtime_dir / "state.json").read_text()).get("worker_pids")
-        except (OSError, ValueError):
-            pids = None
-        if pids:
-            return int(pids[0])
-        time.sleep(0.2)
-    raise TimeoutError("no worker pid in state.json")
 
 
 def _h2load(port: int, scenario: str, requests: int) -> None:
@@ -75,7 +60,7 @@ def _worker_instructions(scenario: str, requests: int, keep: Path | None = None,
         gateway = Gatewayd(work, certs, backend.port, 1, "ec", None, wrapper=wrapper,
                            boot_timeout=BOOT_TIMEOUT, access_log=access_log)
         try:
-            worker = _worker_pid(gateway.runtime_dir)
+            worker = gateway.worker_pid(timeout=60.0)
             _h2load(gateway.port, scenario, requests)
         finally:
             gateway.stop()

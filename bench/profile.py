@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import shutil
 import subprocess
@@ -37,20 +36,6 @@ from bench.servers import Gatewayd, NginxBackend, make_pki
 
 OUT = Path(__file__).resolve().parent / "out"
 LOAD_CPUS, PROXY_CPUS = "1", "0"
-
-
-def _worker_pid(runtime_dir: Path, deadline: float = 20.0) -> int:
-    """The (single) worker's pid, from the master's state file."""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        try:
-            pids = json.loads((runtime_dir / "state.json").read_text()).get("worker_pids")
-        except (OSError, ValueError):
-            pids = None
-        if pids:
-            return int(pids[0])
-        time.sleep(0.1)
-    raise TimeoutError("no worker pid in state.json")
 
 
 def _cpu(pid: int) -> tuple[float, float]:
@@ -132,7 +117,7 @@ def main() -> int:
         backend = NginxBackend(work, certs.backend, LOAD_CPUS)
         gateway = Gatewayd(work, certs, backend.port, 1, "ec", PROXY_CPUS)
         try:
-            worker = _worker_pid(work / "gatewayd-1w-ec" / "run")
+            worker = gateway.worker_pid()
             _load(gateway.port, args.scenario, 1)  # warm-up: pooled backend connections
             attached: subprocess.Popen[bytes] | None = None
             suffix = {"py-spy": "txt", "perf": "perf.data"}.get(args.tool, "strace.txt")

@@ -7,6 +7,7 @@ for clients and writes no access log (gatewayd's metrics stay on: that is its de
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import ssl
@@ -291,6 +292,19 @@ class Gatewayd(Server):
                 raise TimeoutError(f"{self.label}: workers never became ready")
             time.sleep(0.05)
         self.tls_version = check_get(self.port)
+
+    def worker_pid(self, timeout: float = 20.0) -> int:
+        """The first worker's pid, from the master's state file."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                state = json.loads((self.runtime_dir / "state.json").read_text())
+            except (OSError, ValueError):
+                state = {}
+            if state.get("worker_pids"):
+                return int(state["worker_pids"][0])
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.label}: no worker pid in state.json")
 
 
 class Direct(Server):
