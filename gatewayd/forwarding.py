@@ -28,6 +28,7 @@ __all__ = [
     "HOP_BY_HOP",
     "STATUS_REASONS",
     "ForwardContext",
+    "client_address",
     "client_response_head",
     "gateway_response",
     "new_request_id",
@@ -114,6 +115,9 @@ class ForwardContext:
     client_host: bytes
     upstream_host: bytes
     client_cert_headers: tuple[tuple[bytes, bytes], ...] = ()
+    # client_address() of the fields above, when the caller already has it (a connection
+    # makes it once, not once per request)
+    client_element: bytes | None = None
 
 
 # How a header name is treated, per direction.
@@ -225,28 +229,17 @@ def _connection_tokens(values: list[bytes]) -> set[bytes]:
     return tokens
 
 
-# (client ip, port or 0) → its X-Forwarded-For element; emptied when full (a connection
-# sends many requests, and most listeners leave the port out, so few keys are live).
-_CLIENT_ELEMENTS: dict[tuple[str, int], bytes] = {}
 _PORT_TEXT: dict[int, bytes] = {}
 
 
-def _client_address(ctx: ForwardContext) -> bytes:
+def client_address(client_ip: str, client_port: int, with_port: bool) -> bytes:
     """The X-Forwarded-For element for the client: `ip`, or `ip:port` / `[ip]:port`
     (RFC 3986 §3.2.2 brackets for IPv6) in the Azure-compatible port format."""
-    key = (ctx.client_ip, ctx.client_port if ctx.xff_with_port else 0)
-    element = _CLIENT_ELEMENTS.get(key)
-    if element is None:
-        if not ctx.xff_with_port:
-            element = ctx.client_ip.encode("ascii")
-        elif ":" in ctx.client_ip:
-            element = f"[{ctx.client_ip}]:{ctx.client_port}".encode("ascii")
-        else:
-            element = f"{ctx.client_ip}:{ctx.client_port}".encode("ascii")
-        if len(_CLIENT_ELEMENTS) >= _CACHE_LIMIT:
-            _CLIENT_ELEMENTS.clear()
-        _CLIENT_ELEMENTS[key] = element
-    return element
+    if not with_port:
+        return client_ip.encode("ascii")
+    if ":" in client_ip:
+        return f"[{client_ip}]:{client_port}".encode("ascii")
+    return f"{client_ip}:{client_port}".encode("ascii")
 
 
 def _port_text(port: int) -> bytes:
@@ -308,7 +301,8 @@ def upstream_request_head(
                 xff.clear()
             _drop_listed(parts, 4, names, listed)
 
-    client = _client_address(ctx)
+    client = ctx.client_element or client_address(ctx.client_ip, ctx.client_port,
+                                                   ctx.xff_with_port)
     forwarded_for = b", ".join(xff) + b", " + client if xff else client
     parts += (
         b"Host: ", ctx.upstream_host, b"\r\n",

@@ -161,6 +161,7 @@ class Connection:
         default = bind.router.certificate_listener(None) or bind.router.listeners[0]
         self.listener_label = default.name  # metrics: the SNI-selected listener, if any
         self._rx_key = self._tx_key = ("received_bytes", (self.listener_label,))
+        self._xff_elements: dict[bool, bytes] = {}  # X-Forwarded-For element, by port format
 
     # -- connection lifecycle -------------------------------------------------------
 
@@ -392,8 +393,9 @@ class Connection:
         target, listener, route, settings = plan.target, plan.listener, plan.route, plan.settings
         record.listener = listener.name
         record.set_route(route)
-        if settings is None:  # a redirect
+        if route.redirect is not None:
             return self._redirect(head, record, route, target.path, target.query)
+        assert settings is not None  # every route that is not a redirect has a backend
         record.uri = plan.uri
         upstream = self._connect(head, route, record)
         if upstream is None:
@@ -497,6 +499,11 @@ class Connection:
             upstream_host = head.host
         else:  # an HTTP/1.0 client sent no Host: name the backend, as nginx's $proxy_host
             upstream_host = up.server.label.encode("idna")
+        with_port = listener.x_forwarded_for_port
+        element = self._xff_elements.get(with_port)
+        if element is None:  # once per connection (and per listener port format)
+            element = self._xff_elements[with_port] = forwarding.client_address(
+                self.client_ip, self.client_port, with_port)
         return ForwardContext(
             client_ip=self.client_ip,
             client_port=self.client_port,
@@ -508,6 +515,7 @@ class Connection:
             upstream_host=upstream_host,
             client_cert_headers=self.client_cert.headers() if listener.client_auth != "none"
             else (),
+            client_element=element,
         )
 
     def _relay(
