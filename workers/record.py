@@ -110,46 +110,33 @@ class RequestRecord:
                            self.status, now - self.started)
         if not log.enabled:
             return
-        user_agent = ""
+        user_agent = method = host = version = ""
         if head is not None:
+            method = head.method.decode("latin-1")
+            host = head.host.decode("latin-1")
+            version = head.version.decode("latin-1")
             for name, value in head.headers:
                 if name.lower() == b"user-agent":
                     user_agent = value.decode("latin-1")
                     break
-        cert = conn.client_cert if conn.bind.router.has_client_auth else None
-        log.write({
-            "time": _timestamp(self.started),
-            "request_id": self.request_id,
-            "client_ip": conn.client_ip,
-            "client_port": conn.client_port,
-            "listener": self.listener,
-            "rule": self.rule,
-            "path_rule": self.path_rule,
-            "backend_pool": self.backend_pool,
-            "backend_settings": self.backend_settings,
-            "backend": self.backend,
-            "method": head.method.decode("latin-1") if head else "",
-            "uri": self.uri,
-            "host": head.host.decode("latin-1") if head else "",
-            "http_version": head.version.decode() if head else "",
-            "status": self.status,
-            "backend_status": self.backend_status,
-            "bytes_received": self.bytes_received,
-            "bytes_sent": self.bytes_sent,
-            "duration": round(now - self.started, 6),
-            "backend_connect_time": _round(self.backend_connect_time),
-            "backend_first_byte_time": _round(self.backend_first_byte_time),
-            "tls_protocol": conn.tls_protocol,
-            "tls_cipher": conn.tls_cipher,
-            "sni": conn.sni or "",
-            "user_agent": user_agent,
-            "error_info": self.error_info,
-            "redirect_location": self.redirect,
-            "client_cert_verify": cert.verify if cert is not None else "",
-            "client_cert_subject": cert.subject if cert is not None else "",
-            "client_cert_issuer": cert.issuer if cert is not None else "",
-            "client_cert_fingerprint": cert.fingerprint if cert is not None else "",
-        }, self.started)
+        cert_verify = cert_subject = cert_issuer = cert_fingerprint = ""
+        if conn.bind.router.has_client_auth:
+            cert = conn.client_cert
+            cert_verify, cert_subject = cert.verify, cert.subject
+            cert_issuer, cert_fingerprint = cert.issuer, cert.fingerprint
+        connect_time, first_byte_time = self.backend_connect_time, self.backend_first_byte_time
+        log.write((  # accesslog.FIELDS, in that order
+            _timestamp(self.started), self.request_id, conn.client_ip, conn.client_port,
+            self.listener, self.rule, self.path_rule, self.backend_pool,
+            self.backend_settings, self.backend, method, self.uri, host, version,
+            self.status, self.backend_status, self.bytes_received, self.bytes_sent,
+            round(now - self.started, 6),
+            None if connect_time is None else round(connect_time, 6),
+            None if first_byte_time is None else round(first_byte_time, 6),
+            conn.tls_protocol, conn.tls_cipher, conn.sni or "", user_agent,
+            self.error_info, self.redirect, cert_verify, cert_subject, cert_issuer,
+            cert_fingerprint,
+        ), self.started)
 
 
 _second: list[Any] = [-1, ""]  # the last whole second formatted, and its text
@@ -162,6 +149,3 @@ def _timestamp(started: float) -> str:
         _second[0], _second[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
     return f"{_second[1]}.{int(started % 1 * 1000):03d}Z"
 
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 6)
