@@ -44,7 +44,7 @@ from .http1 import (
     ResponseHead,
     ResponseParser,
 )
-from .record import CODE_CLASS, RequestRecord, handshake_error_reason
+from .record import RequestRecord, handshake_error_reason
 from .stats import Stats
 from .tlsio import (
     PlainStream,
@@ -471,7 +471,7 @@ class Connection:
                 except IndexError:
                     break
                 continue
-            if server != first_choice:  # a retry moved the request: so moves the session
+            if server is not first_choice:  # a retry moved the request: so moves the session
                 cookies = balancer.cookie_headers(pool, settings_name, server)
             record.add_response_headers.extend(cookies)
             if up.reused:
@@ -555,10 +555,8 @@ class Connection:
         first_byte = time.monotonic() - sent_at
         record.backend_first_byte_time = first_byte
         record.backend_status = resp.status
-        stats = self.rt.stats
-        backend = (route.backend_pool, up.server.label)
-        stats.observe("backend_first_byte", backend, first_byte)
-        stats.count("backend_responses", (*backend, CODE_CLASS[resp.status // 100]))
+        self.rt.stats.backend_response(route.backend_pool, up.server.label, resp.status,
+                                       first_byte)
         if resp.status == 101:  # only ever for a websocket upgrade we passed on
             return self._websocket(head, resp, parser, up, record)
         keep = head.keep_alive and not self.parser.upgraded and not self.rt.draining

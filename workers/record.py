@@ -18,8 +18,6 @@ from .stats import Stats
 if TYPE_CHECKING:
     from .proxy import Connection
 
-CODE_CLASS = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx", "6xx", "7xx", "8xx", "9xx")
-
 
 def handshake_error_reason(openssl_reason: str) -> str:
     """A short, bounded label from OpenSSL's reason string ("wrong version number" →
