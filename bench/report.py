@@ -58,7 +58,7 @@ BY_KEY = {m.key: m for m in METRICS}
 PAIRS = [("gatewayd-1w", "nginx-1w"), ("gatewayd-1w", "haproxy-1t"),
          ("gatewayd-2w", "nginx-2w"), ("gatewayd-2w", "haproxy-2t")]
 COLUMNS = ["gatewayd-1w", "nginx-1w", "haproxy-1t", "gatewayd-2w", "nginx-2w", "haproxy-2t",
-           "direct", "mitmproxy", "gatewayd-1w-all-on", "gatewayd-1w-all-off"]
+           "direct", "mitmproxy", "floor-1w", "gatewayd-1w-all-on", "gatewayd-1w-all-off"]
 
 
 def one_line(r: Result) -> str:

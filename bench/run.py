@@ -32,6 +32,7 @@ from bench.procs import cpu_seconds, rss_kib  # noqa: E402
 from bench.servers import (  # noqa: E402
     Certs,
     Direct,
+    Floor,
     Gatewayd,
     HAProxy,
     Mitmproxy,
@@ -71,7 +72,7 @@ FULL = Settings(runs=3, ka_seconds=4, ka_connections=64, hs_seconds=3, hs_client
                 mib_seconds=3, mib_connections=8, idle_connections=10_000, idle_runs=1,
                 scenarios=("ka", "hs_full_ec", "hs_res_ec", "mib", "hs_full_rsa", "idle"),
                 configs=("gatewayd-1w", "nginx-1w", "haproxy-1t", "gatewayd-2w", "nginx-2w",
-                         "haproxy-2t", "direct"),
+                         "haproxy-2t", "direct", "floor-1w"),
                 cost_variants=True, mitmproxy=True)
 QUICK = Settings(runs=1, ka_seconds=3, ka_connections=64, hs_seconds=2, hs_clients=8,
                  mib_seconds=2, mib_connections=8, idle_connections=2_000, idle_runs=1,
@@ -225,6 +226,8 @@ class Bench:
             return HAProxy(work, certs, bport, n, key, cpus)
         if kind == "mitmproxy":
             return Mitmproxy(work, certs, bport, key, cpus)
+        if kind == "floor":
+            return Floor(work, certs, bport, key, cpus)
         raise ValueError(config)
 
     def run_config(self, config: str, run: int) -> None:

@@ -307,6 +307,25 @@ class Gatewayd(Server):
         raise TimeoutError(f"{self.label}: no worker pid in state.json")
 
 
+class Floor(Server):
+    """bench/floor.py: the least a gevent + pyOpenSSL + httptools forwarder does, on
+    gatewayd's own TLS layer; one process (so "1w")."""
+
+    def __init__(self, work: Path, certs: Certs, backend_port: int, key: str,
+                 cpus: str | None) -> None:
+        self.label = "floor-1w"
+        d = work / f"{self.label}-{key}"
+        d.mkdir(parents=True, exist_ok=True)
+        front = certs.front[key]
+        self.port = free_port()
+        script = Path(__file__).resolve().parent / "floor.py"
+        self.proc = Proc(self.label, pinned(cpus, [
+            sys.executable, str(script), str(self.port), str(front.cert_path),
+            str(front.key_path), str(backend_port), str(certs.ca), BACKEND_NAME]), d)
+        wait_port(self.port, proc=self.proc)
+        self.tls_version = check_get(self.port)
+
+
 class Direct(Server):
     """The backend itself as the 'proxy' (the ceiling): nothing extra runs."""
 
