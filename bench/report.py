@@ -56,7 +56,8 @@ METRICS = [
 ]
 BY_KEY = {m.key: m for m in METRICS}
 PAIRS = [("gatewayd-1w", "nginx-1w"), ("gatewayd-1w", "haproxy-1t"),
-         ("gatewayd-2w", "nginx-2w"), ("gatewayd-2w", "haproxy-2t")]
+         ("gatewayd-2w", "nginx-2w"), ("gatewayd-2w", "haproxy-2t"),
+         ("floor-1w", "nginx-1w"), ("gatewayd-1w", "floor-1w")]
 COLUMNS = ["gatewayd-1w", "nginx-1w", "haproxy-1t", "gatewayd-2w", "nginx-2w", "haproxy-2t",
            "direct", "mitmproxy", "floor-1w", "gatewayd-1w-all-on", "gatewayd-1w-all-off"]
 
