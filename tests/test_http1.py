@@ -562,6 +562,57 @@ def resp(data: bytes | list[bytes], method: bytes = b"GET", eof: bool = False) -
     return events
 
 
+# A connection's responses, one after another (the method each answers): a parser kept on a
+# pooled connection must read each exactly as a fresh parser would, byte split or not.
+_SEQUENCE = [
+    (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello", True),
+    (b"GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+             b"3\r\nabc\r\n0\r\nX-T: 1\r\n\r\n", True),
+    (b"GET", b"HTTP/1.1 204 No Content\r\nX-B: 2\r\n\r\n", True),
+    (b"GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", True),
+    (b"POST", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\n"
+              b"Content-Length: 2\r\n\r\nok", True),
+    (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", True),
+    (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 70000\r\n\r\n" + b"z" * 70000, True),
+    # llhttp would still expect a HEAD response's body: not reusable after it
+    (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", False),
+]
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-feed", "byte-splits"])
+def test_a_reused_response_parser_reads_each_response_as_a_fresh_one(split: bool) -> None:
+    kept: ResponseParser | None = None
+    for method, data, reusable in _SEQUENCE:
+        chunks = [data[i:i + 7] for i in range(0, len(data), 7)] if split else [data]
+        if kept is None:
+            kept = ResponseParser(request_method=method)
+        else:
+            kept.next_response(method)
+        assert feed_all(kept, chunks) == resp(chunks, method)
+        assert kept.reusable is reusable
+        if not reusable:
+            kept = None
+
+
+def test_a_response_parser_is_not_reusable_before_the_end_or_after_extra_bytes() -> None:
+    p = ResponseParser(request_method=b"GET")
+    p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel")
+    assert not p.reusable  # mid-body
+    p.feed(b"lo")
+    assert p.reusable
+    p = ResponseParser(request_method=b"GET")
+    p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n")
+    assert p.extra and not p.reusable  # bytes nobody asked for: the connection is dropped
+    p = ResponseParser(request_method=b"GET")
+    p.feed(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+           b"Connection: Upgrade\r\n\r\n")
+    assert not p.reusable
+    p = ResponseParser(request_method=b"GET")
+    with pytest.raises(HttpError):
+        p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+    assert not p.reusable
+
+
 def resp_err(data: bytes, method: bytes = b"GET", eof: bool = False) -> HttpError:
     with pytest.raises(HttpError) as info:
         resp(data, method, eof)

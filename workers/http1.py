@@ -542,6 +542,7 @@ class ResponseParser:
 
     __slots__ = (
         "_began",
+        "_between",
         "_chunked",
         "_cl",
         "_done",
@@ -568,9 +569,16 @@ class ResponseParser:
     def __init__(
         self, *, request_method: bytes, max_header_bytes: int = 65536, max_headers: int = 200
     ) -> None:
-        self._method_head = request_method == b"HEAD"
         self._max_hdr = max_header_bytes
         self._max_headers = max_headers
+        self._p = httptools.HttpResponseParser(self)
+        self._between = True  # llhttp is between messages (see `reusable`)
+        self.next_response(request_method)
+
+    def next_response(self, request_method: bytes) -> None:
+        """Get ready for a response to `request_method`: on a new parser, or on one that
+        is `reusable` for the next response on the same connection."""
+        self._method_head = request_method == b"HEAD"
         self._events: list[ResponseEvent] = []
         self._err: HttpError | None = None
         self._state = _IDLE
@@ -589,7 +597,17 @@ class ResponseParser:
         self._interims = 0
         self._began = False
         self._left: int | None = None  # bytes still due of a Content-Length body
-        self._p = httptools.HttpResponseParser(self)
+
+    @property
+    def reusable(self) -> bool:
+        """The response is complete and llhttp ended its message at the same byte, so
+        this parser (and its llhttp state) can read the connection's next response:
+        making one costs more than a small response's whole head.  Not after an error,
+        bytes past the end, a 101, or a HEAD response (llhttp would still expect its
+        body)."""
+        head = self._head
+        return (self._done and self._between and self._err is None and not self.extra
+                and head is not None and head.status != 101)
 
     @property
     def counting(self) -> bool:
@@ -699,23 +717,21 @@ class ResponseParser:
             data = rest  # after an interim response: the next head follows
 
     def _count_body(self, data: bytes) -> None:
-        """A Content-Length body needs counting, not parsing: its bytes are passed on as
-        they came (no copy through llhttp), and whatever follows the last one is `extra`
-        (the connection is not reused then)."""
+        """A Content-Length body is passed on as it came: each chunk is the very object
+        fed (a caller's view, not a copy), and whatever follows the last byte is `extra`
+        (the connection is not reused then).  llhttp is fed the same bytes, without a
+        callback per chunk (on_body ignores them), so that its message ends where the
+        body does: on_message_complete adds END and the parser stays `reusable`."""
         left = self._left
         assert left is not None
         size = len(data)
-        if size < left:
-            self._left = left - size
-            self._events.append(data)
-            return
-        self._events.append(data if size == left else data[:left])
-        self._events.append(END)
-        self._left = None
-        self._done = True
-        self._state = _IDLE
         if size > left:
             self.extra = True
+            data = data[:left]
+            size = left
+        self._events.append(data)
+        self._p.feed_data(data)
+        self._left = left - size or None
 
     def _fail(self, info: str) -> NoReturn:
         err = HttpError(502, "invalid_response: " + info)
@@ -728,6 +744,7 @@ class ResponseParser:
         if self._done:  # bytes after the final response's END
             self.extra = True
             raise _STOP
+        self._between = False
         self._began = True
         self._state = _HEAD
         self._reason = b""
@@ -826,9 +843,11 @@ class ResponseParser:
         return any(_has_token(v, b"keep-alive") for v in conn)
 
     def on_body(self, body: bytes) -> None:
-        self._events.append(body)
+        if self._left is None:  # a counted Content-Length body is relayed by _count_body
+            self._events.append(body)
 
     def on_message_complete(self) -> None:
+        self._between = True
         if self._state != _BODY:
             return  # interim/bodiless: END already emitted at headers-complete
         self._events.append(END)

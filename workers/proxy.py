@@ -532,7 +532,11 @@ class Connection:
             _upstream_send(up, request)
             if not retry:
                 record.bytes_received += self._send_body(head, up)
-            parser = ResponseParser(request_method=head.method)
+            parser = up.parser
+            if parser is None:
+                parser = up.parser = ResponseParser(request_method=head.method)
+            else:
+                parser.next_response(head.method)
             resp, pending = self._read_response_head(up, parser, upgrade=record.upgrade)
         except _UpstreamGone as exc:
             up.stream.close()
@@ -741,6 +745,8 @@ class Connection:
                 return_relay_buffer(relay)
         record.bytes_sent = sent
         if resp.keep_alive and not parser.extra:
+            if not parser.reusable:
+                up.parser = None
             up.requests += 1
             self.rt.upstreams.release(up)
         else:

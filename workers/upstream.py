@@ -20,6 +20,7 @@ from gatewayd.model import BackendPool, BackendSettings
 from gatewayd.tlsconf import client_context, verify_result
 from gatewayd.trust import TrustFailure, check_backend, is_ip_literal, sni_for
 
+from .http1 import ResponseParser
 from .resolver import Resolver
 from .tlsio import (
     PlainStream,
@@ -94,6 +95,9 @@ class Upstream:
     requests: int = 0
     reused: bool = False
     not_after: float = 0.0  # the backend leaf's notAfter (0 for plain http)
+    # The http1.ResponseParser that read the last response, kept while `reusable`: the
+    # next response on this connection reuses it (see Connection._relay).
+    parser: ResponseParser | None = None
 
 
 @dataclass(slots=True)
