@@ -232,6 +232,11 @@ class Bench:
 
     def run_config(self, config: str, run: int) -> None:
         sc = self.settings.scenarios
+        if config == "floor-1w":
+            # The floor passes requests on as they came: an HTTP/1.0 client (s_time) makes
+            # it open a backend connection per client connection, and its idle footprint is
+            # gevent's StreamServer's, so only its keep-alive and 1 MiB figures compare.
+            sc = tuple(name for name in sc if name in ("ka", "mib"))
         server = self.start(config, "ec")
         try:
             if "ka" in sc:
