@@ -146,4 +146,3 @@ def _timestamp(started: float) -> str:
     if second != _second[0]:
         _second[0], _second[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
     return f"{_second[1]}.{int(started % 1 * 1000):03d}Z"
-
