@@ -281,10 +281,7 @@ def upstream_request_head(
             entry = _classify_request(name)
         kind = entry[1]
         if kind == _KEEP:
-            append(name)
-            append(b": ")
-            append(value)
-            append(b"\r\n")
+            parts += (name, b": ", value, b"\r\n")  # one extend, not four appends
         elif kind == _XFF:
             value = value.strip()
             if value:
@@ -375,10 +372,7 @@ def client_response_head(
             entry = _classify_response(name)
         kind = entry[1]
         if kind == _KEEP:
-            append(name)
-            append(b": ")
-            append(value)
-            append(b"\r\n")
+            parts += (name, b": ", value, b"\r\n")  # one extend, not four appends
         elif kind == _CONNECTION:
             if connection is None:
                 connection = []
