@@ -68,10 +68,15 @@ def _worker_instructions(scenario: str, requests: int, keep: Path | None = None,
         dump = out_dir / f"cg.{worker}"
         if keep is not None:  # for callgrind_annotate: the C functions' shares
             shutil.copy(dump, keep)
-        for line in dump.read_text(errors="replace").splitlines():
-            if line.startswith(("summary:", "totals:")):
-                return int(line.split()[1])
-        raise RuntimeError(f"no totals in {dump}")
+        return callgrind_total(dump)
+
+
+def callgrind_total(dump: Path) -> int:
+    """The instructions a callgrind output file counted, in all."""
+    for line in dump.read_text(errors="replace").splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise RuntimeError(f"no totals in {dump}")
 
 
 def main() -> int:

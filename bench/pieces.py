@@ -23,6 +23,8 @@ import types
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.instructions import callgrind_total
+
 REQUEST = b"GET /small HTTP/1.1\r\nHost: 127.0.0.1:8443\r\n\r\n"  # what wrk sends
 RESPONSE = (  # what the bench's nginx answers for /small (100-byte body)
     b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Mon, 30 Nov 2026 03:00:00 GMT\r\n"
@@ -114,10 +116,7 @@ def _instructions(name: str, calls: int, tmp: Path) -> int:
                     sys.executable, "-m", "bench.pieces", "--child", name, "--calls",
                     str(calls)], check=True, capture_output=True,
                    env={**os.environ, "PYTHONHASHSEED": "0"})
-    for line in out.read_text(errors="replace").splitlines():
-        if line.startswith(("summary:", "totals:")):
-            return int(line.split()[1])
-    raise RuntimeError(f"no totals in {out}")
+    return callgrind_total(out)
 
 
 def main() -> int:
