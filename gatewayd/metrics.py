@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,11 +146,6 @@ def apply_histogram(child: Any, counts: list[int], total: float) -> None:
         if count:
             value.inc(count)
     child._sum.inc(total)
-
-
-def bucket_index(seconds: float) -> int:
-    """Index of the first bucket whose upper bound holds `seconds` (last = +Inf)."""
-    return bisect_left(LATENCY_BUCKETS, seconds)
 
 
 def mark_dead(pid: int) -> None:

@@ -532,11 +532,11 @@ class Connection:
             _upstream_send(up, request)
             if not retry:
                 record.bytes_received += self._send_body(head, up)
-            parser = up.parser
-            if parser is None:
-                parser = up.parser = ResponseParser(request_method=head.method)
-            else:
+            parser = up.parser  # the last response's, if it left llhttp between messages
+            if parser is not None and parser.reusable:
                 parser.next_response(head.method)
+            else:
+                parser = up.parser = ResponseParser(request_method=head.method)
             resp, pending = self._read_response_head(up, parser, upgrade=record.upgrade)
         except _UpstreamGone as exc:
             up.stream.close()
@@ -745,8 +745,6 @@ class Connection:
                 return_relay_buffer(relay)
         record.bytes_sent = sent
         if resp.keep_alive and not parser.extra:
-            if not parser.reusable:
-                up.parser = None
             up.requests += 1
             self.rt.upstreams.release(up)
         else:

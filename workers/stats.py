@@ -17,7 +17,8 @@ from gatewayd import metrics as m
 
 _NBUCKETS = len(m.LATENCY_BUCKETS) + 1
 _BOUNDS = m.LATENCY_BUCKETS
-_bucket = bisect_left  # what m.bucket_index does, without its call
+# _bucket(_BOUNDS, seconds): the first bucket whose upper bound holds `seconds` (last: +Inf)
+_bucket = bisect_left
 _STATUS_TEXT = tuple(str(code) for code in range(1000))  # label values, made once
 _CODE_CLASS = tuple(f"{digit}xx" for digit in range(10))
 
@@ -57,7 +58,7 @@ class Stats:
         hist = self.histograms.get(key)
         if hist is None:
             hist = self.histograms[key] = _Histogram()
-        hist.counts[m.bucket_index(seconds)] += 1
+        hist.counts[_bucket(_BOUNDS, seconds)] += 1
         hist.total += seconds
 
     # The two per-request updates below do by hand what count() and observe() do: they

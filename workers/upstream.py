@@ -95,8 +95,8 @@ class Upstream:
     requests: int = 0
     reused: bool = False
     not_after: float = 0.0  # the backend leaf's notAfter (0 for plain http)
-    # The http1.ResponseParser that read the last response, kept while `reusable`: the
-    # next response on this connection reuses it (see Connection._relay).
+    # The http1.ResponseParser that read the last response: the next response on this
+    # connection reuses it if it is `reusable` (see Connection._relay).
     parser: ResponseParser | None = None
 
 
