@@ -40,7 +40,7 @@ def _pieces() -> dict[str, Callable[[], object]]:
     from gatewayd.workers.record import RequestRecord
     from gatewayd.workers.stats import Stats
 
-    from gatewayd.forwarding import ForwardContext, client_response_head, upstream_request_head
+    from gatewayd.forwarding import ForwardContext, passed_response_head, upstream_request_head
 
     request_parser = RequestParser(max_request_line=8192, max_header_bytes=32768,
                                    max_headers=100, max_body_bytes=0)
@@ -86,8 +86,9 @@ def _pieces() -> dict[str, Callable[[], object]]:
         "response-parse (pooled parser)": parse_response,
         "response-parser-new": lambda: ResponseParser(request_method=b"GET"),
         "upstream-head (+ForwardContext)": upstream_head,
-        "client-head": lambda: client_response_head(
-            resp.status, resp.reason, resp.headers, b"Content-Length: 100", False),
+        "client-head": lambda: passed_response_head(
+            resp.status, resp.reason, resp.passed, resp.connection, (), b"Content-Length: 100",
+            False),
         "record (log off)": record,
         "stats": stats_updates,
         "json-log-line": lambda: json_line(values),

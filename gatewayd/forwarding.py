@@ -32,6 +32,7 @@ __all__ = [
     "client_response_head",
     "gateway_response",
     "new_request_id",
+    "passed_response_head",
     "upstream_request_head",
 ]
 
@@ -357,13 +358,7 @@ def client_response_head(
     `Connection: keep-alive` when not closing: an HTTP/1.0 client only keeps a connection
     it was told is persistent (RFC 9112 §9.3).
     """
-    line = _STATUS_LINES.get((status, reason))
-    if line is None:
-        line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
-        if len(_STATUS_LINES) < _CACHE_LIMIT:
-            _STATUS_LINES[(status, reason)] = line
-    parts: list[bytes] = [line]
-    append = parts.append
+    parts: list[bytes] = [_status_line(status, reason)]
     names = _RESPONSE_NAMES
     connection: list[bytes] | None = None
     for name, value in headers:
@@ -377,21 +372,65 @@ def client_response_head(
             if connection is None:
                 connection = []
             connection.append(value)
-
     if connection is not None:
         listed = _listed_fields(connection)
         if listed:
             _drop_listed(parts, 1, names, listed)
+    return _end_response_head(parts, framing, close, upgrade, announce_keep_alive)
 
+
+def passed_response_head(
+    status: int,
+    reason: bytes,
+    passed: list[bytes],
+    connection: list[bytes],
+    extra: Sequence[tuple[bytes, bytes]],
+    framing: bytes | None,
+    close: bool,
+    *,
+    announce_keep_alive: bool = False,
+) -> bytes:
+    """`client_response_head` for a head whose fields the parser already sorted: `passed`
+    are the backend's end-to-end fields as wire parts (name, ": ", value, CRLF each; the
+    hop-by-hop fields and Content-Length are not among them), `connection` the values of
+    its Connection fields, whose listed names are dropped too.  `extra` are the gateway's
+    own fields for the client (affinity cookies), added after the backend's.
+
+    Same bytes as `client_response_head` over all the fields plus `extra`, without a
+    second look at each field: the common response needs one join.
+    """
+    parts: list[bytes] = [_status_line(status, reason)]
+    parts += passed
+    if connection:
+        listed = _listed_fields(connection)
+        if listed:
+            _drop_listed(parts, 1, _RESPONSE_NAMES, listed)
+    for name, value in extra:
+        parts += (name, b": ", value, b"\r\n")
+    return _end_response_head(parts, framing, close, None, announce_keep_alive)
+
+
+def _status_line(status: int, reason: bytes) -> bytes:
+    line = _STATUS_LINES.get((status, reason))
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+        if len(_STATUS_LINES) < _CACHE_LIMIT:
+            _STATUS_LINES[(status, reason)] = line
+    return line
+
+
+def _end_response_head(parts: list[bytes], framing: bytes | None, close: bool,
+                       upgrade: bytes | None, announce_keep_alive: bool) -> bytes:
+    """The framing and Connection lines after the fields, the blank line, one join."""
     if framing is not None:
         parts += (framing, b"\r\n")
     if upgrade is not None:
         parts += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, b"\r\n")
     elif close:
-        append(b"Connection: close\r\n")
+        parts.append(b"Connection: close\r\n")
     elif announce_keep_alive:
-        append(b"Connection: keep-alive\r\n")
-    append(b"\r\n")
+        parts.append(b"Connection: keep-alive\r\n")
+    parts.append(b"\r\n")
     return b"".join(parts)
 
 

@@ -7,6 +7,7 @@ import re
 from dataclasses import replace
 
 import pytest
+from gatewayd.workers.http1 import ResponseHead, ResponseParser
 
 from gatewayd.forwarding import (
     HOP_BY_HOP,
@@ -15,6 +16,7 @@ from gatewayd.forwarding import (
     client_response_head,
     gateway_response,
     new_request_id,
+    passed_response_head,
     upstream_request_head,
 )
 
@@ -265,6 +267,48 @@ def test_client_response_head_exact() -> None:
         b"Content-Length: 5\r\n"
         b"\r\n"
     )
+
+
+def test_passed_response_head_from_the_parser() -> None:
+    """The proxy's path: the parser sorts the fields as they arrive, and the head is
+    the one client_response_head makes from all of them; the gateway's own fields
+    (affinity cookies) follow the backend's."""
+    fields = [
+        (b"Content-Type", b"text/html"),
+        (b"Connection", b"keep-alive, X-Backend-Secret"),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"X-Backend-Secret", b"s"),
+        (b"Content-Length", b"5"),
+        (b"Set-Cookie", b"a=1"),
+        (b"set-cookie", b"b=2"),
+        (b"Trailer", b"X"),
+        (b"Proxy-Authenticate", b"Basic"),
+        (b"X-Request-Id", b"backend-id"),
+    ]
+    raw = b"HTTP/1.1 200 OK\r\n" + b"".join(b"%s: %s \r\n" % field for field in fields)
+    parser = ResponseParser(request_method=b"GET")
+    head = parser.feed(raw + b"\r\nhello")[0]
+    assert isinstance(head, ResponseHead)
+    assert head.headers == fields  # every field, in order, trailing whitespace gone
+    assert head.connection == [b"keep-alive, X-Backend-Secret"]
+    cookie = [(b"Set-Cookie", b"GATEWAYD_AFFINITY=x")]
+    data = passed_response_head(200, b"OK", head.passed, head.connection, cookie,
+                                b"Content-Length: 5", False)
+    assert data == client_response_head(200, b"OK", fields + cookie, b"Content-Length: 5",
+                                        False)
+    assert data == (
+        b"HTTP/1.1 200 OK\r\n"
+        b"Content-Type: text/html\r\n"
+        b"Set-Cookie: a=1\r\n"
+        b"set-cookie: b=2\r\n"
+        b"X-Request-Id: backend-id\r\n"
+        b"Set-Cookie: GATEWAYD_AFFINITY=x\r\n"
+        b"Content-Length: 5\r\n"
+        b"\r\n"
+    )
+    assert passed_response_head(200, b"OK", head.passed, head.connection, (), None, True,
+                                announce_keep_alive=True).endswith(
+        b"X-Request-Id: backend-id\r\nConnection: close\r\n\r\n")
 
 
 def test_client_response_close_and_no_framing() -> None:

@@ -5,7 +5,8 @@
     ``normalize_target`` / ``BindRouter.select`` / ``Router.route`` (only ``RoutingError``)
     and ``upstream_request_head``, whose output must be a well-formed head: no CR, LF or
     NUL inside a line, never both Content-Length and Transfer-Encoding.
-(b) responses: the same for ``ResponseParser`` (then ``client_response_head``).
+(b) responses: the same for ``ResponseParser`` (then ``client_response_head``, and
+    ``passed_response_head`` giving the same bytes).
 (c) config: mutated TOML (the reference ``conf/gatewayd.toml`` and a small valid config)
     into ``load_config_text`` → it returns a config or raises ``ConfigError``, nothing else.
 
@@ -34,7 +35,12 @@ from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 from gatewayd.config import ConfigError, load_config_text
-from gatewayd.forwarding import ForwardContext, client_response_head, upstream_request_head
+from gatewayd.forwarding import (
+    ForwardContext,
+    client_response_head,
+    passed_response_head,
+    upstream_request_head,
+)
 from gatewayd.model import Address
 from gatewayd.routing import Router, RoutingError, normalize_target
 
@@ -334,6 +340,10 @@ def feed_response(pieces: list[bytes], method: bytes, eof: bool) -> None:
             out = client_response_head(event.status, event.reason, event.headers, framing,
                                        not event.keep_alive)
             check_head_bytes(out)
+            # the proxy's path: the fields as the parser sorted them, the same bytes
+            assert passed_response_head(event.status, event.reason, event.passed,
+                                        event.connection, (), framing,
+                                        not event.keep_alive) == out
         else:
             assert event is END or isinstance(event, bytes)
 

@@ -32,6 +32,8 @@ from typing import NoReturn
 
 import httptools  # type: ignore[import-untyped, unused-ignore]
 
+from gatewayd.forwarding import HOP_BY_HOP
+
 __all__ = [
     "END",
     "EndOfMessage",
@@ -52,8 +54,6 @@ _HOST_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?:
 _NO_BODY_STATUS = frozenset((204, 304))
 # lengths of the request fields inspected here: host, expect, content-length, transfer-encoding
 _SPECIAL_LENS = frozenset((4, 6, 14, 17))
-# ... and of the response fields: content-length, transfer-encoding
-_FRAMING_LENS = frozenset((14, 17))
 
 
 _REASON_CHARS = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
@@ -111,16 +111,39 @@ class ResponseHead:
     rule 8); ``keep_alive`` is False then.  For interim (1xx), 204, 304 and HEAD responses no
     body follows whatever ``chunked``/``content_length`` say (they describe the
     representation, RFC 9110 section 8.6).
+
+    The fields arrive sorted the way a proxy uses them, so the head it sends on is one join
+    instead of a second walk over every field: ``passed`` holds the end-to-end fields as
+    wire parts, four per field (name, ``b": "``, value, CRLF); ``hop_fields`` the fields that
+    describe this connection or this framing (the hop-by-hop fields of RFC 9110 section
+    7.6.1 and Content-Length) as (position in ``passed``, name, value); ``connection`` the
+    values of the Connection fields among them.  ``headers`` gives them all, in wire order.
+    Values never carry surrounding whitespace.
     """
 
     status: int
     reason: bytes
     version: bytes
-    headers: list[tuple[bytes, bytes]]
+    passed: list[bytes]
+    hop_fields: list[tuple[int, bytes, bytes]]
+    connection: list[bytes]
     keep_alive: bool
     chunked: bool
     content_length: int | None
     until_eof: bool
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """Every field as (name, value), in the order received."""
+        passed = self.passed
+        out: list[tuple[bytes, bytes]] = []
+        at = 0
+        for position, name, value in self.hop_fields:
+            out += zip(passed[at:position:4], passed[at + 2:position:4], strict=True)
+            out.append((name, value))
+            at = position
+        out += zip(passed[at::4], passed[at + 2::4], strict=True)
+        return out
 
 
 class EndOfMessage:
@@ -166,6 +189,30 @@ def _te_error(value: bytes) -> HttpError:
     if last == b"chunked":
         return HttpError(501, "unsupported_transfer_coding")
     return HttpError(400, "bad_transfer_encoding")
+
+
+# How a response field name is sorted (ResponseHead): passed on, or one of the fields that
+# describe the connection or the framing.  Names repeat endlessly across responses, so
+# each spelling is classified once (bounded, so a backend cannot grow it without limit).
+_PASSED = 0
+_CONTENT_LENGTH = 1
+_TRANSFER_ENCODING = 2
+_CONNECTION = 3
+_HOP_BY_HOP = 4
+_HOP_KINDS = {b"content-length": _CONTENT_LENGTH, b"transfer-encoding": _TRANSFER_ENCODING,
+              b"connection": _CONNECTION, **dict.fromkeys(HOP_BY_HOP - {b"connection",
+                                                                        b"transfer-encoding"},
+                                                          _HOP_BY_HOP)}
+_HOP_LENS = frozenset(len(name) for name in _HOP_KINDS)
+_FIELD_KINDS: dict[bytes, int] = {}
+_FIELD_KINDS_LIMIT = 2048
+
+
+def _field_kind(name: bytes) -> int:
+    kind = _HOP_KINDS.get(name.lower(), _PASSED)
+    if len(_FIELD_KINDS) < _FIELD_KINDS_LIMIT:
+        _FIELD_KINDS[name] = kind
+    return kind
 
 
 def _has_token(value: bytes, token: bytes) -> bool:
@@ -545,19 +592,21 @@ class ResponseParser:
         "_between",
         "_chunked",
         "_cl",
+        "_conn",
         "_done",
         "_err",
         "_events",
         "_hdr_bytes",
         "_head",
         "_head_len",
-        "_headers",
+        "_hop",
         "_interims",
         "_left",
         "_max_hdr",
         "_max_headers",
         "_method_head",
         "_p",
+        "_passed",
         "_raw",
         "_reason",
         "_state",
@@ -588,7 +637,9 @@ class ResponseParser:
         self.extra = False
         self.trailing = b""
         self._reason = b""
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._passed: list[bytes] = []
+        self._hop: list[tuple[int, bytes, bytes]] = []
+        self._conn: list[bytes] = []
         self._hdr_bytes = 0
         self._head: ResponseHead | None = None
         self._head_len = 0
@@ -748,7 +799,9 @@ class ResponseParser:
         self._began = True
         self._state = _HEAD
         self._reason = b""
-        self._headers = []
+        self._passed = []
+        self._hop = []
+        self._conn = []
         self._hdr_bytes = 0
         self._cl = None
         self._chunked = False
@@ -765,7 +818,8 @@ class ResponseParser:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # The head's size and field count are checked once it is complete (_feed_heads,
-        # on_headers_complete): this runs for every field of every response.
+        # on_headers_complete): this runs for every field of every response, and an
+        # end-to-end field costs one lookup and one list extend (see ResponseHead).
         if self._state != _HEAD:  # trailers: bounded by the same limits, then dropped
             self._hdr_bytes += len(name) + len(value) + 4
             if self._hdr_bytes > self._max_hdr:
@@ -773,28 +827,37 @@ class ResponseParser:
             return
         if value and value[-1] in _OWS:
             value = value.rstrip(_OWS)
-        self._headers.append((name, value))
-        if len(name) in _FRAMING_LENS:
-            lname = name.lower()
-            if lname == b"content-length":
-                if self._cl is not None or not value.isdigit():
-                    self._fail("invalid Content-Length")
-                self._cl = int(value)
-            elif lname == b"transfer-encoding":
-                # We re-frame bodies and drop hop-by-hop TE, so only ``chunked`` can be
-                # relayed faithfully; other codings would reach the client undecoded.
-                if self._chunked or value.lower() != b"chunked":
-                    self._fail("unsupported Transfer-Encoding")
-                if self._p.get_http_version() == "1.0":  # RFC 9112 section 6.1
-                    self._fail("Transfer-Encoding on HTTP/1.0")
-                self._chunked = True
+        if len(name) not in _HOP_LENS:  # most names: passed on without a lookup
+            self._passed += (name, b": ", value, b"\r\n")
+            return
+        kind = _FIELD_KINDS.get(name)
+        if kind is None:
+            kind = _field_kind(name)
+        if kind == _PASSED:
+            self._passed += (name, b": ", value, b"\r\n")
+            return
+        self._hop.append((len(self._passed), name, value))
+        if kind == _CONTENT_LENGTH:
+            if self._cl is not None or not value.isdigit():
+                self._fail("invalid Content-Length")
+            self._cl = int(value)
+        elif kind == _TRANSFER_ENCODING:
+            # We re-frame bodies and drop hop-by-hop TE, so only ``chunked`` can be
+            # relayed faithfully; other codings would reach the client undecoded.
+            if self._chunked or value.lower() != b"chunked":
+                self._fail("unsupported Transfer-Encoding")
+            if self._p.get_http_version() == "1.0":  # RFC 9112 section 6.1
+                self._fail("Transfer-Encoding on HTTP/1.0")
+            self._chunked = True
+        elif kind == _CONNECTION:
+            self._conn.append(value)
 
     def on_headers_complete(self) -> None:
         p = self._p
         version = _VERSIONS.get(p.get_http_version())
         if version is None:
             self._fail("unsupported HTTP version")
-        if len(self._headers) > self._max_headers:
+        if len(self._passed) // 4 + len(self._hop) > self._max_headers:
             self._fail("too_many_headers")
         # The field lines' size, as the request side counts it: the head minus the status
         # line ("HTTP/1.1 200 " + reason + CRLF, bounded in on_status) and the blank line.
@@ -810,7 +873,8 @@ class ResponseParser:
         if 100 <= status < 200 and status != 101:
             # interim response (RFC 9110 section 15.2): head, END, and the final follows
             self._events.append(ResponseHead(
-                status, self._reason, version, self._headers, False, False, cl, False))
+                status, self._reason, version, self._passed, self._hop, self._conn, False,
+                False, cl, False))
             self._events.append(END)
             self._interims += 1
             self._state = _IDLE
@@ -823,7 +887,8 @@ class ResponseParser:
             until_eof = not chunked and cl is None
             keep_alive = False if until_eof else p.should_keep_alive()
         self._head = head = ResponseHead(
-            status, self._reason, version, self._headers, keep_alive, chunked, cl, until_eof)
+            status, self._reason, version, self._passed, self._hop, self._conn, keep_alive,
+            chunked, cl, until_eof)
         self._events.append(head)
         if no_body:
             self._events.append(END)
@@ -837,10 +902,9 @@ class ResponseParser:
     def _persistent(self, version: bytes) -> bool:
         """RFC 9112 section 9.3, computed here for bodiless responses llhttp misjudges
         (it expects a close-delimited body after a HEAD response without length)."""
-        conn = [v for n, v in self._headers if n.lower() == b"connection"]
         if version == b"1.1":
-            return not any(_has_token(v, b"close") for v in conn)
-        return any(_has_token(v, b"keep-alive") for v in conn)
+            return not any(_has_token(v, b"close") for v in self._conn)
+        return any(_has_token(v, b"keep-alive") for v in self._conn)
 
     def on_body(self, body: bytes) -> None:
         if self._left is None:  # a counted Content-Length body is relayed by _count_body

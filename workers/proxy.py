@@ -697,14 +697,16 @@ class Connection:
             framing, rechunk = b"Transfer-Encoding: chunked", True
         else:
             framing, keep = None, False  # HTTP/1.0 client: delimit by closing
-        headers = resp.headers
-        if record.rewrite is not None:
-            headers = record.rewrite[0].rewrite_response(record.rewrite[1], headers)
-        if record.add_response_headers:
-            headers = headers + record.add_response_headers
-        out = [forwarding.client_response_head(resp.status, resp.reason, headers,
-                                               framing, not keep,
-                                               announce_keep_alive=head.version == b"1.0")]
+        if record.rewrite is None:  # the backend's fields go on as the parser sorted them
+            out = [forwarding.passed_response_head(
+                resp.status, resp.reason, resp.passed, resp.connection,
+                record.add_response_headers, framing, not keep,
+                announce_keep_alive=head.version == b"1.0")]
+        else:
+            headers = record.rewrite[0].rewrite_response(record.rewrite[1], resp.headers)
+            out = [forwarding.client_response_head(
+                resp.status, resp.reason, headers + record.add_response_headers, framing,
+                not keep, announce_keep_alive=head.version == b"1.0")]
         record.status = resp.status
         sent = 0
         complete = False
