@@ -376,15 +376,17 @@ def normalize_target(raw: bytes) -> Target:
 
     if path.translate(None, _PATH_CHARS):
         raise RoutingError(400, "bad_target", "character not allowed in path")
-    if b"%" in path:
+    # `find`, not `in`: `b"%" in path` first tries the needle as an integer, and that
+    # failed attempt raises (and clears) a TypeError inside CPython on every call.
+    if path.find(b"%") >= 0:
         path = _normalize_escapes(path)
-    if b"/." in path:
+    if path.find(b"/.") >= 0:
         path = _remove_dot_segments(path)
 
     if query:
         if query.translate(None, _QUERY_CHARS):
             raise RoutingError(400, "bad_target", "character not allowed in query")
-        if b"%" in query and _BAD_ESCAPE.search(query) is not None:
+        if query.find(b"%") >= 0 and _BAD_ESCAPE.search(query) is not None:
             raise RoutingError(400, "bad_target", "invalid percent-escape in query")
         return Target(path.decode("ascii"), query.decode("ascii"), authority)
     return Target(path.decode("ascii"), "", authority)
