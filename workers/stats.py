@@ -31,14 +31,39 @@ class _Histogram:
         self.total = 0.0
 
 
+class _BackendSeries:
+    """backend_responses_total by code class and backend_first_byte, for one (pool,
+    server): kept for the worker's life and zeroed by each flush."""
+
+    __slots__ = ("by_class", "first_byte")
+
+    def __init__(self) -> None:
+        self.by_class = [0] * 10  # index: status // 100
+        self.first_byte = _Histogram()
+
+
 class Stats:
-    """What one worker has counted since the last flush."""
+    """What one worker has counted since the last flush.
+
+    The two updates every request makes (`request_done`, `backend_response`) and the byte
+    counts land in structures keyed by plain strings and ints, nested per label, and kept
+    for the worker's life: a tuple key would be built, hashed and compared element by
+    element on each update (tuples do not cache their hash), which cost more than the
+    counting itself.  Everything else goes through `count` and `observe`.
+    """
 
     def __init__(self, listeners: tuple[str, ...] = ()) -> None:
         self.metrics = m.setup()
         self.worker_connections, self.worker_in_flight = m.worker_gauges()
         self.counters: defaultdict[tuple[str, tuple[str, ...]], float] = defaultdict(float)
         self.histograms: dict[tuple[str, tuple[str, ...]], _Histogram] = {}
+        # bytes from / to clients, by listener: `+=` on them from the connections directly
+        self.received_bytes: defaultdict[str, int] = defaultdict(int)
+        self.sent_bytes: defaultdict[str, int] = defaultdict(int)
+        # listener → rule → pool → status → requests; listener → request_duration
+        self._requests: dict[str, dict[str, dict[str, defaultdict[int, int]]]] = {}
+        self._durations: dict[str, _Histogram] = {}
+        self._backends: dict[str, dict[str, _BackendSeries]] = {}  # pool → server → ...
         self.client_connections: defaultdict[str, int] = defaultdict(int)
         self.connections = 0
         self.in_flight = 0
@@ -61,28 +86,36 @@ class Stats:
         hist.counts[_bucket(_BOUNDS, seconds)] += 1
         hist.total += seconds
 
-    # The two per-request updates below do by hand what count() and observe() do: they
-    # run for every request, and each Python call saved there is measurable.
-
     def request_done(self, listener: str, rule: str, pool: str, status: int,
                      duration: float) -> None:
-        text = _STATUS_TEXT[status] if status < 1000 else str(status)
-        self.counters[("requests", (listener, rule, pool, text))] += 1
-        key = ("request_duration", (listener,))
-        hist = self.histograms.get(key)
-        if hist is None:
-            hist = self.histograms[key] = _Histogram()
+        """requests_total and request_duration for one request that ended."""
+        try:
+            by_status = self._requests[listener][rule][pool]
+            hist = self._durations[listener]
+        except KeyError:
+            by_status, hist = self._request_series(listener, rule, pool)
+        by_status[status] += 1
         hist.counts[_bucket(_BOUNDS, duration)] += 1
         hist.total += duration
+
+    def _request_series(self, listener: str, rule: str,
+                        pool: str) -> tuple[defaultdict[int, int], _Histogram]:
+        by_status = self._requests.setdefault(listener, {}).setdefault(rule, {}).setdefault(
+            pool, defaultdict(int))
+        hist = self._durations.get(listener)
+        if hist is None:
+            hist = self._durations[listener] = _Histogram()
+        return by_status, hist
 
     def backend_response(self, pool: str, server: str, status: int,
                          first_byte: float) -> None:
         """A response head from a backend, `first_byte` seconds after the request went."""
-        self.counters[("backend_responses", (pool, server, _CODE_CLASS[status // 100]))] += 1
-        key = ("backend_first_byte", (pool, server))
-        hist = self.histograms.get(key)
-        if hist is None:
-            hist = self.histograms[key] = _Histogram()
+        try:
+            series = self._backends[pool][server]
+        except KeyError:
+            series = self._backends.setdefault(pool, {}).setdefault(server, _BackendSeries())
+        series.by_class[status // 100] += 1
+        hist = series.first_byte
         hist.counts[_bucket(_BOUNDS, first_byte)] += 1
         hist.total += first_byte
 
@@ -97,7 +130,41 @@ class Stats:
             self._children[key] = child
         return child
 
+    def _take_hot(self) -> None:
+        """Move what the hot-path structures counted into `counters` and `histograms`,
+        and zero them (in place: they live as long as the worker)."""
+        counters, histograms = self.counters, self.histograms
+        for metric, by_listener in (("received_bytes", self.received_bytes),
+                                    ("sent_bytes", self.sent_bytes)):
+            for listener, amount in by_listener.items():
+                if amount:
+                    counters[(metric, (listener,))] += amount
+            by_listener.clear()
+        for listener, rules in self._requests.items():
+            for rule, pools in rules.items():
+                for pool, by_status in pools.items():
+                    for status, amount in by_status.items():
+                        text = _STATUS_TEXT[status] if 0 <= status < 1000 else str(status)
+                        counters[("requests", (listener, rule, pool, text))] += amount
+                    by_status.clear()
+        for listener, hist in self._durations.items():
+            if hist.total or any(hist.counts):
+                histograms[("request_duration", (listener,))] = hist
+                self._durations[listener] = _Histogram()
+        for pool, servers in self._backends.items():
+            for server, series in servers.items():
+                for digit, amount in enumerate(series.by_class):
+                    if amount:
+                        counters[("backend_responses", (pool, server, _CODE_CLASS[digit]))] += (
+                            amount)
+                        series.by_class[digit] = 0
+                hist = series.first_byte
+                if hist.total or any(hist.counts):
+                    histograms[("backend_first_byte", (pool, server))] = hist
+                    series.first_byte = _Histogram()
+
     def flush(self) -> None:
+        self._take_hot()
         counters, self.counters = self.counters, defaultdict(float)
         for (metric, labels), amount in counters.items():
             self._child(metric, labels).inc(amount)
@@ -120,8 +187,8 @@ class Stats:
 
 class NullStats(Stats):
     """Counts nothing (GATEWAYD_METRICS=off): only for measuring what metrics cost.  The
-    few direct `counters[key] += n` updates of the hot path still land in a dict that is
-    never flushed; everything else is a no-op."""
+    byte counts the connections add directly still land in dicts that are never flushed;
+    everything else is a no-op."""
 
     def count(self, metric: str, labels: tuple[str, ...], amount: float = 1.0) -> None:
         pass
@@ -139,6 +206,8 @@ class NullStats(Stats):
 
     def flush(self) -> None:
         self.counters.clear()
+        self.received_bytes.clear()
+        self.sent_bytes.clear()
 
 
 def make_stats(listeners: tuple[str, ...]) -> Stats:
