@@ -823,3 +823,45 @@ def test_content_length_body_is_counted_and_passed_on_as_received() -> None:
     truncated.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort")
     with pytest.raises(HttpError, match="truncated"):
         truncated.feed_eof()
+
+
+# The version is read off the request/status line when the line starts a feed (llhttp's
+# get_http_version() formats a string per call); whatever the split, llhttp's own reading
+# and ours agree, pipelined requests with the same target included.
+VERSION_CASES = [
+    (b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n" + H + b"\r\nGET /a HTTP/1.1\r\n" + H
+     + b"\r\n", [b"1.0", b"1.1"]),
+    (b"GET /a HTTP/1.1\r\n" + H + b"\r\nGET /a HTTP/1.0\r\n" + H + b"\r\n", [b"1.1", b"1.0"]),
+    (b"\r\nGET /HTTP/1.1 HTTP/1.0\r\n" + H + b"\r\n", [b"1.0"]),
+    (b"GET /a HTTP/1.1\r\nX-A: HTTP/1.0\r\n" + H + b"\r\n", [b"1.1"]),
+]
+
+
+@pytest.mark.parametrize(("data", "versions"), VERSION_CASES)
+def test_request_version_whatever_the_split(data: bytes, versions: list[bytes]) -> None:
+    for chunks in splits(data):
+        heads = [e for e in feed_all(RequestParser(), chunks) if isinstance(e, RequestHead)]
+        assert [h.version for h in heads] == versions, chunks
+
+
+def test_http09_request_line_is_refused_even_if_it_ends_like_a_version() -> None:
+    # no space before "HTTP/1.1": that is the target, and llhttp reads HTTP/0.9
+    assert req_err(b"GET /HTTP/1.1\r\n\r\n").status == 400
+
+
+@pytest.mark.parametrize(("data", "versions"), [
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", [b"1.0"]),
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+     [b"1.1", b"1.0"]),
+])
+def test_response_version_whatever_the_split(data: bytes, versions: list[bytes]) -> None:
+    for chunks in splits(data):
+        heads = [e for e in resp(chunks) if isinstance(e, ResponseHead)]
+        assert [h.version for h in heads] == versions, chunks
+
+
+@pytest.mark.parametrize("ctl", [c for c in range(0x20) if c != 0x09])
+def test_control_bytes_at_the_end_of_a_value_are_refused(ctl: int) -> None:
+    # on_header's trailing-whitespace test relies on it: a last byte <= 0x20 is SP or HTAB
+    assert req_err(b"GET / HTTP/1.1\r\nHost: a\r\nX: a" + bytes([ctl]) + b"\r\n\r\n").status == 400
+    resp_err(b"HTTP/1.1 200 OK\r\nX: a" + bytes([ctl]) + b"\r\nContent-Length: 0\r\n\r\n")

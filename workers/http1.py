@@ -261,6 +261,8 @@ class RequestParser:
         "_up_left",
         "_upgraded",
         "_url",
+        "_version",
+        "_version_next",
         "trailing",
     )
 
@@ -298,6 +300,8 @@ class RequestParser:
         self._head: RequestHead | None = None
         self._body_n = 0
         self._trl = 0
+        self._version: bytes | None = None  # of the message in progress, if read off its line
+        self._version_next: bytes | None = None
         self._p = httptools.HttpRequestParser(self)
 
     # ---- public API ---------------------------------------------------------------
@@ -321,6 +325,14 @@ class RequestParser:
             return []  # closed after a non-persistent request
         events: list[RequestEvent] = []
         self._events = events
+        if self._state == _IDLE:
+            # A request that starts this feed: its version read off its own line, since
+            # llhttp's get_http_version() formats a new string on every call.  Only a
+            # hint for the message on_message_begin starts next (llhttp still parses and
+            # validates that line); anything but a whole "... HTTP/1.1" line asks llhttp.
+            eol = data.find(b"\r\n")
+            self._version_next = (b"1.1" if eol > 9 and data.startswith(b" HTTP/1.1", eol - 9)
+                                  else None)
         try:
             self._p.feed_data(data)
         except _HttpParserUpgrade as exc:
@@ -376,6 +388,7 @@ class RequestParser:
 
     def on_message_begin(self) -> None:
         self._state = _HEAD
+        self._version, self._version_next = self._version_next, None
         self._fresh = True
         self._url = None
         self._headers = []
@@ -401,8 +414,10 @@ class RequestParser:
             self._fail(414, "request_line_too_long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # llhttp drops leading OWS but keeps trailing OWS (RFC 9112 section 5.1: strip)
-        if value and value[-1] in _OWS:
+        # llhttp drops leading OWS but keeps trailing OWS (RFC 9112 section 5.1: strip);
+        # it refuses every other control byte in a value, so a last byte <= 0x20 is SP or
+        # HTAB (an int comparison: `in _OWS` costs several times more, on every field)
+        if value and value[-1] <= 0x20:
             value = value.rstrip(_OWS)
         n = len(name)
         size = self._hdr_bytes + n + len(value) + 4
@@ -441,7 +456,7 @@ class RequestParser:
 
     def on_headers_complete(self) -> None:
         p = self._p
-        version = _VERSIONS.get(p.get_http_version())
+        version = self._version or _VERSIONS.get(p.get_http_version())
         if version is None:  # HTTP/0.9 request lines and HTTP/2.0 reach us from llhttp
             self._fail(400, "bad_request: unsupported HTTP version")
         target = self._url
@@ -614,6 +629,7 @@ class ResponseParser:
         "_reason",
         "_state",
         "_tail",
+        "_version",
         "extra",
         "trailing",
     )
@@ -651,6 +667,7 @@ class ResponseParser:
         self._interims = 0
         self._began = False
         self._left: int | None = None  # bytes still due of a Content-Length body
+        self._version: bytes | None = None  # read off the status line (see _feed_heads)
 
     @property
     def reusable(self) -> bool:
@@ -730,6 +747,9 @@ class ResponseParser:
                 start = len(data) - len(stripped)
                 buf = stripped
                 tail = b""
+                # the version off the status line: llhttp's get_http_version() formats a
+                # new string on every call; anything but "HTTP/1.1 " here asks llhttp
+                self._version = b"1.1" if stripped.startswith(b"HTTP/1.1 ") else None
             else:
                 start = 0
                 tail = self._tail
@@ -828,7 +848,7 @@ class ResponseParser:
             if self._hdr_bytes > self._max_hdr:
                 self._fail("header_too_large")
             return
-        if value and value[-1] in _OWS:
+        if value and value[-1] <= 0x20:  # SP or HTAB: see RequestParser.on_header
             value = value.rstrip(_OWS)
         if len(name) not in _HOP_LENS:  # most names: passed on without a lookup
             self._passed += (name, b": ", value, b"\r\n")
@@ -857,7 +877,7 @@ class ResponseParser:
 
     def on_headers_complete(self) -> None:
         p = self._p
-        version = _VERSIONS.get(p.get_http_version())
+        version = self._version or _VERSIONS.get(p.get_http_version())
         if version is None:
             self._fail("unsupported HTTP version")
         if len(self._passed) // 4 + len(self._hop) > self._max_headers:
