@@ -14,6 +14,7 @@ affinity and connection draining.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gatewayd import affinity
@@ -30,6 +31,7 @@ PASSIVE_DOWN_SECONDS = 10.0  # a server this worker could not reach is skipped t
 class _Pair:
     """The servers of one pool as reached through one backend settings."""
 
+    key: tuple[str, str]  # (pool, settings)
     index: int
     settings: BackendSettings
     servers: list[Server]
@@ -48,7 +50,7 @@ class Balancer:
         self._secret = secret
         self._slots = {(t.pool, t.settings, t.server): t.index for t in targets}
         self._pair_index = {(t.pool, t.settings): t.pair for t in targets}
-        self._pairs: dict[tuple[str, str], _Pair] = {}
+        self._pairs: dict[str, dict[str, _Pair]] = {}  # pool → settings → pair
         self._down_until: dict[Server, float] = {}
         self._down_seen: dict[Server, tuple[int, int]] = {}  # slot, prober successes then
         self._local_turns: dict[tuple[str, str], int] = {}
@@ -59,12 +61,14 @@ class Balancer:
                 parse_server(entry.server, 0), entry.deadline)
 
     def _pair(self, pool: str, settings_name: str) -> _Pair:
-        key = (pool, settings_name)
-        pair = self._pairs.get(key)
-        if pair is None:
+        try:
+            return self._pairs[pool][settings_name]
+        except KeyError:
+            key = (pool, settings_name)
             settings = self._settings[settings_name]
             texts = list(self._pools[pool].servers)
             pair = _Pair(
+                key=key,
                 index=self._pair_index.get(key, -1),
                 settings=settings,
                 servers=[parse_server(text, settings.port) for text in texts],
@@ -74,8 +78,8 @@ class Balancer:
             if settings.cookie_based_affinity:
                 table = affinity.value_table(self._secret, pool, texts)
                 pair.cookies = {value: texts.index(text) for value, text in table.items()}
-            self._pairs[key] = pair
-        return pair
+            self._pairs.setdefault(pool, {})[settings_name] = pair
+            return pair
 
     def servers(self, pool: str, settings_name: str) -> list[Server]:
         return self._pair(pool, settings_name).servers
@@ -99,24 +103,24 @@ class Balancer:
 
     def choose(
         self, pool: str, settings_name: str, request_headers: list[tuple[bytes, bytes]]
-    ) -> tuple[Server, list[tuple[bytes, bytes]]]:
+    ) -> tuple[Server, Sequence[tuple[bytes, bytes]]]:
         """The server for a request and the headers to add to its response (a fresh
         affinity cookie when one is due); IndexError when no server is usable."""
         pair = self._pair(pool, settings_name)
         settings = pair.settings
         if not settings.cookie_based_affinity:
-            return self._pick(pair, (pool, settings_name), None), []
+            return self._pick(pair, None), ()
         value = affinity.read_cookie(request_headers, settings.affinity_cookie_name)
         if value is not None:
             position = pair.cookies.get(value)
             if position is not None and self._usable(pair, position, time.monotonic()):
-                return pair.servers[position], []
+                return pair.servers[position], ()
             drained = self._draining.get(pool, {}).get(value)
             if drained is not None and drained[1] > time.time():
                 server = drained[0]
                 if not server.port:
                     server = Server(server.host, settings.port)
-                return server, []
+                return server, ()
         server = self.pick(pool, settings_name)
         position = pair.servers.index(server)
         cookie = affinity.cookie_value(self._secret, pool, pair.texts[position])
@@ -124,9 +128,9 @@ class Balancer:
 
     def pick(self, pool: str, settings_name: str, exclude: Server | None = None) -> Server:
         """Round robin over the usable servers; IndexError when there is none."""
-        return self._pick(self._pair(pool, settings_name), (pool, settings_name), exclude)
+        return self._pick(self._pair(pool, settings_name), exclude)
 
-    def _pick(self, pair: _Pair, key: tuple[str, str], exclude: Server | None) -> Server:
+    def _pick(self, pair: _Pair, exclude: Server | None) -> Server:
         health = self._health
         if exclude is None and not self._down_until:  # the common case, kept short
             if health is None:
@@ -135,7 +139,7 @@ class Balancer:
                 slot = pair.slots[0]
                 if slot < 0 or health.healthy(slot):
                     return pair.servers[0]
-                raise IndexError(key[0])
+                raise IndexError(pair.key[0])
             else:
                 healthy = health.healthy
                 usable = [server for server, slot in zip(pair.servers, pair.slots, strict=True)
@@ -147,14 +151,14 @@ class Balancer:
         if len(usable) == 1:
             return usable[0]
         if not usable:
-            raise IndexError(key[0])
-        return usable[self._next_turn(pair, key) % len(usable)]
+            raise IndexError(pair.key[0])
+        return usable[self._next_turn(pair) % len(usable)]
 
-    def _next_turn(self, pair: _Pair, key: tuple[str, str]) -> int:
+    def _next_turn(self, pair: _Pair) -> int:
         if self._health is not None and pair.index >= 0:
             return self._health.next_turn(pair.index)
-        turn = self._local_turns.get(key, 0)
-        self._local_turns[key] = turn + 1
+        turn = self._local_turns.get(pair.key, 0)
+        self._local_turns[pair.key] = turn + 1
         return turn
 
     def mark_down(self, pool: str, settings_name: str, server: Server) -> None:

@@ -85,11 +85,13 @@ def parse_server(text: str, default_port: int) -> Server:
 
 @dataclass(slots=True)
 class Upstream:
-    """A live connection to one server, with what the pool needs to reuse it."""
+    """A live connection to one server, with what the pool needs to reuse it: `idle` is
+    where it waits between requests, shared by every connection to the same server with
+    the same settings and TLS name."""
 
     stream: Stream
     server: Server
-    key: tuple[str, int, str, str]
+    idle: deque[Upstream]
     connect_time: float
     idle_since: float = 0.0
     requests: int = 0
@@ -102,8 +104,14 @@ class Upstream:
 
 @dataclass(slots=True)
 class _Target:
+    """A (pool, settings) pair.  When the name sent as SNI and verified does not depend
+    on the request (sni_name, host_name, the server's own name, or plain http), each
+    server's idle connections are found by its label alone: no key built per request."""
+
     settings: BackendSettings
     context: SSL.Context | None
+    request_named: bool  # the name comes from the client's Host
+    idle_by_server: dict[str, deque[Upstream]] = field(default_factory=dict)
 
 
 class UpstreamPool:
@@ -118,7 +126,8 @@ class UpstreamPool:
         }
         self._pools = pools
         self._settings = settings
-        self._targets: dict[tuple[str, str], _Target] = {}
+        self._targets: dict[str, dict[str, _Target]] = {}  # pool → settings → target
+        # (host, port, settings, TLS name) → idle connections, most recently used last
         self._idle: dict[tuple[str, int, str, str], deque[Upstream]] = {}
         self.resolver = Resolver()
 
@@ -133,13 +142,28 @@ class UpstreamPool:
         return list(names)
 
     def _target(self, pool_name: str, settings_name: str) -> _Target:
-        key = (pool_name, settings_name)
-        target = self._targets.get(key)
-        if target is None:
+        try:
+            return self._targets[pool_name][settings_name]
+        except KeyError:
             settings = self._settings[settings_name]
-            target = _Target(settings, self._contexts.get(settings_name))
-            self._targets[key] = target
-        return target
+            context = self._contexts.get(settings_name)
+            request_named = context is not None and not (
+                settings.sni_name or settings.host_name
+                or settings.pick_host_name_from_backend_address)
+            target = _Target(settings, context, request_named)
+            self._targets.setdefault(pool_name, {})[settings_name] = target
+            return target
+
+    def _idle_for(self, target: _Target, server: Server, name: str) -> deque[Upstream]:
+        key = (server.host, server.port, target.settings.name, name)
+        idle = self._idle.get(key)
+        if idle is None:
+            idle = self._idle[key] = deque()
+        return idle
+
+    def _name(self, target: _Target, server: Server, client_host: str) -> str:
+        """The name sent as SNI and verified ("" for plain http)."""
+        return sni_for(target.settings, server.host, client_host) if target.context else ""
 
     def settings(self, name: str) -> BackendSettings:
         return self._settings[name]
@@ -149,33 +173,37 @@ class UpstreamPool:
     ) -> Upstream:
         """An idle pooled connection to `server` if one is alive, else a new one."""
         target = self._target(pool_name, settings_name)
-        settings = target.settings
-        name = sni_for(settings, server.host, client_host) if target.context else ""
-        key = (server.host, server.port, settings.name, name)
-        idle = self._idle.get(key)
-        now = time.monotonic()
-        while idle:
-            up = idle.pop()
-            sock = up.stream.sock
-            idle_for = now - up.idle_since
-            if idle_for < PEEK_AFTER or (idle_for < IDLE_TTL and not peer_closed(sock)):
-                up.reused = True
-                return up
-            up.stream.close()
-        return self._connect(target, server, key, name)
+        if target.request_named:
+            idle = self._idle_for(target, server, self._name(target, server, client_host))
+        else:
+            found = target.idle_by_server.get(server.label)
+            if found is None:
+                found = target.idle_by_server[server.label] = self._idle_for(
+                    target, server, self._name(target, server, client_host))
+            idle = found
+        if idle:
+            now = time.monotonic()
+            while idle:
+                up = idle.pop()
+                idle_for = now - up.idle_since
+                if idle_for < PEEK_AFTER or (idle_for < IDLE_TTL
+                                             and not peer_closed(up.stream.sock)):
+                    up.reused = True
+                    return up
+                up.stream.close()
+        return self._connect(target, server, idle, self._name(target, server, client_host))
 
     def acquire_fresh(
         self, pool_name: str, settings_name: str, server: Server, client_host: str
     ) -> Upstream:
         """A new connection, never a pooled one (after a pooled one turned out dead)."""
         target = self._target(pool_name, settings_name)
-        name = sni_for(target.settings, server.host, client_host) if target.context else ""
-        return self._connect(target, server, (server.host, server.port, target.settings.name,
-                                              name), name)
+        name = self._name(target, server, client_host)
+        return self._connect(target, server, self._idle_for(target, server, name), name)
 
     def release(self, up: Upstream) -> None:
         """Return a connection whose last response was complete and keep-alive."""
-        idle = self._idle.setdefault(up.key, deque())
+        idle = up.idle
         if len(idle) >= MAX_IDLE_PER_KEY:
             up.stream.close()
             return
@@ -189,13 +217,13 @@ class UpstreamPool:
                 idle.pop().stream.close()
 
     def _connect(
-        self, target: _Target, server: Server, key: tuple[str, int, str, str], name: str
+        self, target: _Target, server: Server, idle: deque[Upstream], name: str
     ) -> Upstream:
         settings = target.settings
         started = time.monotonic()
         sock = self._open(server, settings.connect_timeout)
         if target.context is None:
-            return Upstream(PlainStream(sock), server, key, time.monotonic() - started)
+            return Upstream(PlainStream(sock), server, idle, time.monotonic() - started)
         sni = None if is_ip_literal(name) else name
         stream = TLSStream.client(sock, target.context, sni)
         try:
@@ -212,7 +240,7 @@ class UpstreamPool:
             stream.close()  # after the handshake, before any request byte
             raise UpstreamTLSError(exc.reason, exc.detail, server.label) from exc
         stream.timeout = settings.request_timeout
-        up = Upstream(stream, server, key, time.monotonic() - started)
+        up = Upstream(stream, server, idle, time.monotonic() - started)
         if leaf is not None:
             up.not_after = leaf.not_valid_after_utc.timestamp()
         return up
