@@ -163,7 +163,9 @@ class Connection:
         # client byte counts by listener (Stats): the dicts themselves, one lookup less
         self._received = rt.stats.received_bytes
         self._sent = rt.stats.sent_bytes
-        self._xff_elements: dict[bool, bytes] = {}  # X-Forwarded-For element, by port format
+        # What this connection asserts to backends, by listener: made once, and only the
+        # request's own values (id, Host) are set on it per request (see _forward_context)
+        self._forwarding: dict[str, ForwardContext] = {}
 
     # -- connection lifecycle -------------------------------------------------------
 
@@ -492,31 +494,34 @@ class Connection:
         request_id: str,
     ) -> ForwardContext:
         if settings.host_name:
-            upstream_host = settings.host_name.encode("idna")
+            upstream_host = _idna(settings.host_name)
         elif settings.pick_host_name_from_backend_address:
-            upstream_host = up.server.host.encode("idna")
+            upstream_host = _idna(up.server.host)
         elif head.host:
             upstream_host = head.host
         else:  # an HTTP/1.0 client sent no Host: name the backend, as nginx's $proxy_host
-            upstream_host = up.server.label.encode("idna")
-        with_port = listener.x_forwarded_for_port
-        element = self._xff_elements.get(with_port)
-        if element is None:  # once per connection (and per listener port format)
-            element = self._xff_elements[with_port] = forwarding.client_address(
-                self.client_ip, self.client_port, with_port)
-        return ForwardContext(
-            client_ip=self.client_ip,
-            client_port=self.client_port,
-            scheme=self.scheme,
-            listener_port=self.bind.port,
-            xff_with_port=listener.x_forwarded_for_port,
-            request_id=request_id,
-            client_host=head.host,
-            upstream_host=upstream_host,
-            client_cert_headers=self.client_cert.headers() if listener.client_auth != "none"
-            else (),
-            client_element=element,
-        )
+            upstream_host = _idna(up.server.label)
+        ctx = self._forwarding.get(listener.name)
+        if ctx is None:  # once per connection and listener; requests here come one by one
+            with_port = listener.x_forwarded_for_port
+            ctx = self._forwarding[listener.name] = ForwardContext(
+                client_ip=self.client_ip,
+                client_port=self.client_port,
+                scheme=self.scheme,
+                listener_port=self.bind.port,
+                xff_with_port=with_port,
+                request_id="",
+                client_host=b"",
+                upstream_host=b"",
+                client_cert_headers=self.client_cert.headers()
+                if listener.client_auth != "none" else (),
+                client_element=forwarding.client_address(self.client_ip, self.client_port,
+                                                         with_port),
+            )
+        ctx.request_id = request_id
+        ctx.client_host = head.host
+        ctx.upstream_host = upstream_host
+        return ctx
 
     def _relay(
         self, head: RequestHead, route: Route, settings: BackendSettings, up: Upstream,
@@ -825,6 +830,18 @@ def _upstream_send(up: Upstream, data: bytes) -> None:
         up.stream.sendall(data)
     except StreamClosed as exc:
         raise _UpstreamGone("reset") from exc
+
+
+_IDNA: dict[str, bytes] = {}  # configured host names, encoded: the codec is pure Python
+
+
+def _idna(name: str) -> bytes:
+    """A configured name (host_name, a server's host) as sent in Host: encoded once, not
+    on every request (the "idna" codec costs thousands of instructions a call)."""
+    encoded = _IDNA.get(name)
+    if encoded is None:
+        encoded = _IDNA[name] = name.encode("idna")  # config names only: bounded
+    return encoded
 
 
 def _host_name(host: str) -> str:
