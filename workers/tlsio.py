@@ -37,6 +37,7 @@ from OpenSSL._util import lib as _lib
 
 _READ = 1
 _WRITE = 2
+_MIN_TIMEOUT = 1e-6  # s: a wait with no time left still arms a (repeating) timer
 RECV_SIZE = 65536
 MAX_RECORD_PLAINTEXT = 16384  # TLS 1.2/1.3 record payload limit (RFC 8446 §5.1)
 
@@ -110,29 +111,46 @@ class Stream(Protocol):
 
 
 class _Waiter:
-    """Two io watchers for one descriptor, reused for every wait on it."""
+    """Two io watchers for one descriptor, and a timer, reused for every wait on it."""
 
-    __slots__ = ("_hub", "_loop", "_read", "_write")
+    __slots__ = ("_hub", "_loop", "_read", "_timer", "_timer_after", "_write")
 
     def __init__(self, fd: int) -> None:
         self._hub = get_hub()
         loop = self._loop = self._hub.loop
         self._read = loop.io(fd, _READ)
         self._write = loop.io(fd, _WRITE)
+        self._timer: Any = None
+        self._timer_after = 0.0
 
     def wait(self, events: int, timeout: float | None) -> None:
         """Park until the descriptor is ready; StreamTimeout after `timeout` seconds.
+
         The timeout is a bare libev timer that throws into this greenlet (what
-        gevent.Timeout does, minus its Python-level bookkeeping on every wait)."""
+        gevent.Timeout does, minus its Python-level bookkeeping on every wait).  A stream
+        waits with the same timeout again and again (keep-alive, request, send), so the
+        timer is kept: a repeating one, re-armed by `again` (libev's ev_timer_again: due
+        `timeout` seconds from now) and stopped after the wait, instead of a new watcher
+        made and closed per wait.  After anything but a normal wake-up it is dropped."""
         watcher = self._read if events == _READ else self._write
         if timeout is None:
             self._hub.wait(watcher)
             return
-        timer = self.deadline(timeout)
+        timer = self._timer
+        if timer is None or timeout != self._timer_after:
+            if timer is not None:
+                timer.close()
+            after = max(timeout, _MIN_TIMEOUT)  # repeat 0 would make `again` a no-op
+            timer = self._timer = self._loop.timer(after, after)
+            self._timer_after = timeout
+        timer.again(getcurrent().throw, StreamTimeout)
         try:
             self._hub.wait(watcher)
-        finally:
+        except BaseException:
+            self._timer = None  # it may have fired (StreamTimeout): never reuse it then
             timer.close()
+            raise
+        timer.stop()
 
     def deadline(self, timeout: float) -> Any:
         """A started libev timer that throws StreamTimeout into the calling greenlet
@@ -144,6 +162,9 @@ class _Waiter:
     def close(self) -> None:
         for watcher in (self._read, self._write):
             watcher.close()
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
 
 
 class PlainStream:
