@@ -259,11 +259,11 @@ class RequestParser:
         "_state",
         "_trl",
         "_up_left",
-        "_upgraded",
         "_url",
         "_version",
         "_version_next",
         "trailing",
+        "upgraded",
     )
 
     def __init__(
@@ -285,7 +285,8 @@ class RequestParser:
         self._fresh = False
         self._raw = 0
         self._closed = False
-        self._upgraded = False
+        # llhttp stopped at an Upgrade/CONNECT: no more requests on this connection
+        self.upgraded = False
         self._up_left = 0
         self.trailing = b""
         self._method = b""
@@ -306,11 +307,6 @@ class RequestParser:
 
     # ---- public API ---------------------------------------------------------------
 
-    @property
-    def upgraded(self) -> bool:
-        """llhttp stopped at an Upgrade/CONNECT: no more requests on this connection."""
-        return self._upgraded
-
     def in_message(self) -> bool:
         """True between the first byte of a request and its END (408 vs quiet close)."""
         return self._state != _IDLE
@@ -320,7 +316,7 @@ class RequestParser:
         if self._halt:
             if self._err is not None:
                 raise self._err
-            if self._upgraded:
+            if self.upgraded:
                 return self._feed_upgrade_body(data, [])
             return []  # closed after a non-persistent request
         events: list[RequestEvent] = []
@@ -569,7 +565,7 @@ class RequestParser:
     # ---- upgrade ------------------------------------------------------------------
 
     def _on_upgrade(self, rest: bytes) -> None:
-        self._upgraded = self._halt = True
+        self.upgraded = self._halt = True
         self.trailing = b""
         if self._up_left:
             self._feed_upgrade_body(rest, self._events)

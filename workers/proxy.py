@@ -268,14 +268,12 @@ class Connection:
         if close:
             stream.close()
 
-    def _recv_client(self, timeout: float) -> bytes:
-        assert self.stream is not None
-        self.stream.timeout = timeout
-        return self.stream.recv()
-
     def _pump(self, timeout: float) -> bool:
         """Read once from the client into the event queue; False on EOF."""
-        data = self._recv_client(timeout)
+        stream = self.stream
+        assert stream is not None
+        stream.timeout = timeout
+        data = stream.recv()
         if not data:
             return False
         self._received[self.listener_label] += len(data)
@@ -295,10 +293,10 @@ class Connection:
                 continue  # stray events cannot happen; be robust anyway
             if self.parser.upgraded:
                 return None
-            now = time.monotonic()
             if deadline is None and (first or self.parser.in_message()):
-                deadline = now + limits.client_header_timeout
-            timeout = limits.keepalive_timeout if deadline is None else deadline - now
+                deadline = time.monotonic() + limits.client_header_timeout
+            timeout = (limits.keepalive_timeout if deadline is None
+                       else deadline - time.monotonic())
             if self.rt.draining:
                 timeout = min(timeout, DRAIN_IDLE_GRACE)
             idle = self.rt.idle if deadline is None else None
@@ -348,7 +346,7 @@ class Connection:
         the metrics and the access log), answered if nothing was sent yet, and this
         connection closed; the worker and every other connection carry on."""
         log.exception("internal error in request %s %s from %s:%s", record.request_id,
-                      record.uri, self.client_ip, self.client_port)
+                      record.uri_text(), self.client_ip, self.client_port)
         record.error_info = f"internal_error: {type(exc).__name__}"
         if record.status == 0:
             record.status = 500
@@ -530,11 +528,13 @@ class Connection:
         """Send the request (head + streamed body) and stream the response back.  A retry
         (only ever of a body-less request) resends the head alone: the client's side of
         the request was consumed the first time."""
-        retryable = up.reused and head.method in IDEMPOTENT and _no_body(head)
         sent_at = time.monotonic()
         try:
             up.stream.timeout = settings.request_timeout
-            _upstream_send(up, request)
+            try:
+                up.stream.sendall(request)
+            except StreamClosed as exc:
+                raise _UpstreamGone("reset") from exc
             if not retry:
                 record.bytes_received += self._send_body(head, up)
             parser = up.parser  # the last response's, if it left llhttp between messages
@@ -545,7 +545,8 @@ class Connection:
             resp, pending = self._read_response_head(up, parser, upgrade=record.upgrade)
         except _UpstreamGone as exc:
             up.stream.close()
-            if retryable:  # the backend closed a pooled connection as we reused it
+            if up.reused and head.method in IDEMPOTENT and _no_body(head):
+                # the backend closed a pooled connection as we reused it: try a new one
                 fresh = self._reconnect(head, route, up, record)
                 if fresh is None:
                     return False
@@ -616,7 +617,7 @@ class Connection:
 
     def _send_body(self, head: RequestHead, up: Upstream) -> int:
         """Stream the request body to the backend, re-framed; returns body bytes sent."""
-        if _no_body(head):
+        if not head.chunked and not head.content_length:  # _no_body, inline: every request
             self._take_end()
             return 0
         total = 0

@@ -80,7 +80,7 @@ class RequestRecord:
         self.started = time.time()
         self.listener = self.rule = self.path_rule = ""
         self.backend_pool = self.backend_settings = self.backend = ""
-        self.uri = head.target.decode("latin-1") if head else ""
+        self.uri = ""  # the backend's request-target once routed; see uri_text()
         self.status = 0
         self.backend_status = 0
         self.bytes_received = 0
@@ -94,6 +94,12 @@ class RequestRecord:
         self.redirect = ""  # the Location of a redirect answered by the gateway
         # The route's rewrite set and the request's variables, when it rewrites responses.
         self.rewrite: tuple[CompiledRewriteSet, RequestVariables] | None = None
+
+    def uri_text(self) -> str:
+        """The URI for the log: the one sent to the backend, else the client's target."""
+        if self.uri or self.head is None:
+            return self.uri
+        return self.head.target.decode("latin-1")
 
     def set_route(self, route: Route) -> None:
         self.rule = route.rule.name
@@ -126,7 +132,7 @@ class RequestRecord:
         log.write((  # accesslog.FIELDS, in that order
             _timestamp(self.started), self.request_id, conn.client_ip, conn.client_port,
             self.listener, self.rule, self.path_rule, self.backend_pool,
-            self.backend_settings, self.backend, method, self.uri, host, version,
+            self.backend_settings, self.backend, method, self.uri_text(), host, version,
             self.status, self.backend_status, self.bytes_received, self.bytes_sent,
             round(now - self.started, 6),
             None if connect_time is None else round(connect_time, 6),
