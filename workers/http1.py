@@ -637,11 +637,6 @@ class ResponseParser:
         self._max_headers = max_headers
         self._p = httptools.HttpResponseParser(self)
         self._between = True  # llhttp is between messages (see `reusable`)
-        self.next_response(request_method)
-
-    def next_response(self, request_method: bytes) -> None:
-        """Get ready for a response to `request_method`: on a new parser, or on one that
-        is `reusable` for the next response on the same connection."""
         self._method_head = request_method == b"HEAD"
         self._events: list[ResponseEvent] = []
         self._err: HttpError | None = None
@@ -664,6 +659,16 @@ class ResponseParser:
         self._began = False
         self._left: int | None = None  # bytes still due of a Content-Length body
         self._version: bytes | None = None  # read off the status line (see _feed_heads)
+
+    def next_response(self, request_method: bytes) -> None:
+        """Get a `reusable` parser ready for the connection's next response, to
+        `request_method`.  A complete response leaves the rest as a new parser has it:
+        no error, no extra bytes, no body left to count, llhttp between messages; the
+        head's own state is reset by on_message_begin when the next head starts."""
+        self._method_head = request_method == b"HEAD"
+        self._done = False
+        self._head = None
+        self._interims = 0
 
     @property
     def reusable(self) -> bool:
