@@ -50,6 +50,7 @@ _WANT_READ = _lib.SSL_ERROR_WANT_READ
 _WANT_WRITE = _lib.SSL_ERROR_WANT_WRITE
 _from_buffer = _ffi.from_buffer
 _buffer = _ffi.buffer
+_unpack = _ffi.unpack
 # One receive buffer per worker process: a greenlet copies its bytes out before it can
 # yield, so no two reads ever share it.
 _RECV_BUF = _ffi.new("char[]", RECV_SIZE)
@@ -302,8 +303,8 @@ class TLSStream:
     def recv(self, size: int = RECV_SIZE) -> bytes:
         """Return decrypted bytes; b"" on EOF (a close_notify or a bare TCP close: for
         HTTP the framing layer decides whether a message was cut short)."""
-        n = self._read(_RECV_BUF, min(size, RECV_SIZE))
-        return _buffer(_RECV_BUF, n)[:] if n else b""
+        n = self._read(_RECV_BUF, size if size < RECV_SIZE else RECV_SIZE)
+        return _unpack(_RECV_BUF, n) if n else b""  # one copy out, no buffer object
 
     def recv_into(self, buf: RelayBuffer) -> Any:
         """Like recv(), into `buf` (see take_relay_buffer): a view of the decrypted bytes,
