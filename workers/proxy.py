@@ -447,7 +447,6 @@ class Connection:
         server; a trust failure (pin, name, chain) is configuration, not luck, and is not."""
         balancer, ups = self.rt.balancer, self.rt.upstreams
         pool, settings_name = route.backend_pool, route.backend_settings
-        client_host = head.host.decode("latin-1")
         try:
             server, cookies = balancer.choose(pool, settings_name, head.headers)
         except IndexError:
@@ -457,7 +456,7 @@ class Connection:
         for attempt in (1, 2):
             record.backend = server.label
             try:
-                up = ups.acquire(pool, settings_name, server, client_host)
+                up = ups.acquire(pool, settings_name, server, head.host)
             except UpstreamError as exc:
                 record.error_info = f"{exc.reason}: {exc.detail}"
                 self._backend_failed(record, exc.reason)
@@ -609,8 +608,7 @@ class Connection:
     ) -> Upstream | None:
         try:
             return self.rt.upstreams.acquire_fresh(
-                route.backend_pool, route.backend_settings, stale.server,
-                head.host.decode("latin-1"))
+                route.backend_pool, route.backend_settings, stale.server, head.host)
         except UpstreamError as exc:
             self._refuse(head, record, 502, f"{exc.reason}: {exc.detail}", body_pending=False)
             return None

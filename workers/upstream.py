@@ -161,15 +161,18 @@ class UpstreamPool:
             idle = self._idle[key] = deque()
         return idle
 
-    def _name(self, target: _Target, server: Server, client_host: str) -> str:
-        """The name sent as SNI and verified ("" for plain http)."""
-        return sni_for(target.settings, server.host, client_host) if target.context else ""
+    def _name(self, target: _Target, server: Server, client_host: bytes) -> str:
+        """The name sent as SNI and verified ("" for plain http); `client_host` is the
+        client's Host as received (decoded only when the name comes from it)."""
+        if target.context is None:
+            return ""
+        return sni_for(target.settings, server.host, client_host.decode("latin-1"))
 
     def settings(self, name: str) -> BackendSettings:
         return self._settings[name]
 
     def acquire(
-        self, pool_name: str, settings_name: str, server: Server, client_host: str
+        self, pool_name: str, settings_name: str, server: Server, client_host: bytes
     ) -> Upstream:
         """An idle pooled connection to `server` if one is alive, else a new one."""
         target = self._target(pool_name, settings_name)
@@ -194,7 +197,7 @@ class UpstreamPool:
         return self._connect(target, server, idle, self._name(target, server, client_host))
 
     def acquire_fresh(
-        self, pool_name: str, settings_name: str, server: Server, client_host: str
+        self, pool_name: str, settings_name: str, server: Server, client_host: bytes
     ) -> Upstream:
         """A new connection, never a pooled one (after a pooled one turned out dead)."""
         target = self._target(pool_name, settings_name)
