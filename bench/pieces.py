@@ -54,11 +54,15 @@ def _pieces() -> dict[str, Callable[[], object]]:
         response_parser.next_response(b"GET")
         return response_parser.feed(RESPONSE)
 
+    ctx = ForwardContext(  # once per connection, as the proxy makes it
+        client_ip="127.0.0.1", client_port=50000, scheme=b"https", listener_port=8443,
+        xff_with_port=False, request_id="", client_host=b"", upstream_host=b"",
+        client_element=b"127.0.0.1")
+
     def upstream_head() -> bytes:
-        ctx = ForwardContext(
-            client_ip="127.0.0.1", client_port=50000, scheme=b"https", listener_port=8443,
-            xff_with_port=False, request_id="0" * 32, client_host=head.host,
-            upstream_host=b"backend.test", client_element=b"127.0.0.1")
+        ctx.request_id = "0" * 32
+        ctx.client_host = head.host
+        ctx.upstream_host = b"backend.test"
         return upstream_request_head(head.method, b"/small", head.headers, ctx, None)
 
     from gatewayd import metrics
@@ -85,7 +89,7 @@ def _pieces() -> dict[str, Callable[[], object]]:
         "request-parse": lambda: request_parser.feed(REQUEST),
         "response-parse (pooled parser)": parse_response,
         "response-parser-new": lambda: ResponseParser(request_method=b"GET"),
-        "upstream-head (+ForwardContext)": upstream_head,
+        "upstream-head": upstream_head,
         "client-head": lambda: passed_response_head(
             resp.status, resp.reason, resp.passed, resp.connection, (), b"Content-Length: 100",
             False),
