@@ -237,6 +237,17 @@ def test_unusual_header_names_are_classified_and_cached() -> None:
 # --------------------------------------------------------------------- responses
 
 
+# What is left of the hostile response heads below once hop-by-hop fields, the names the
+# Connection field lists, and the framing are gone.
+KEPT_RESPONSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\n"
+    b"Content-Type: text/html\r\n"
+    b"Set-Cookie: a=1\r\n"
+    b"set-cookie: b=2\r\n"
+    b"X-Request-Id: backend-id\r\n"
+)
+
+
 def test_client_response_head_exact() -> None:
     data = client_response_head(
         200,
@@ -258,15 +269,7 @@ def test_client_response_head_exact() -> None:
         b"Content-Length: 5",
         False,
     )
-    assert data == (
-        b"HTTP/1.1 200 OK\r\n"
-        b"Content-Type: text/html\r\n"
-        b"Set-Cookie: a=1\r\n"
-        b"set-cookie: b=2\r\n"
-        b"X-Request-Id: backend-id\r\n"
-        b"Content-Length: 5\r\n"
-        b"\r\n"
-    )
+    assert data == KEPT_RESPONSE_HEAD + b"Content-Length: 5\r\n\r\n"
 
 
 def test_passed_response_head_from_the_parser() -> None:
@@ -296,16 +299,8 @@ def test_passed_response_head_from_the_parser() -> None:
                                 b"Content-Length: 5", False)
     assert data == client_response_head(200, b"OK", fields + cookie, b"Content-Length: 5",
                                         False)
-    assert data == (
-        b"HTTP/1.1 200 OK\r\n"
-        b"Content-Type: text/html\r\n"
-        b"Set-Cookie: a=1\r\n"
-        b"set-cookie: b=2\r\n"
-        b"X-Request-Id: backend-id\r\n"
-        b"Set-Cookie: GATEWAYD_AFFINITY=x\r\n"
-        b"Content-Length: 5\r\n"
-        b"\r\n"
-    )
+    assert data == (KEPT_RESPONSE_HEAD + b"Set-Cookie: GATEWAYD_AFFINITY=x\r\n"
+                    b"Content-Length: 5\r\n\r\n")
     assert passed_response_head(200, b"OK", head.passed, head.connection, (), None, True,
                                 announce_keep_alive=True).endswith(
         b"X-Request-Id: backend-id\r\nConnection: close\r\n\r\n")
