@@ -530,10 +530,7 @@ class Connection:
         sent_at = time.monotonic()
         try:
             up.stream.timeout = settings.request_timeout
-            try:
-                up.stream.sendall(request)
-            except StreamClosed as exc:
-                raise _UpstreamGone("reset") from exc
+            _upstream_send(up, request)
             if not retry:
                 record.bytes_received += self._send_body(head, up)
             parser = up.parser  # the last response's, if it left llhttp between messages
@@ -615,7 +612,7 @@ class Connection:
 
     def _send_body(self, head: RequestHead, up: Upstream) -> int:
         """Stream the request body to the backend, re-framed; returns body bytes sent."""
-        if not head.chunked and not head.content_length:  # _no_body, inline: every request
+        if _no_body(head):
             self._take_end()
             return 0
         total = 0
