@@ -60,6 +60,13 @@ def sni_for(settings: BackendSettings, server_host: str, client_host: str) -> st
     return strip_port(client_host)
 
 
+def sni_from_request(settings: BackendSettings) -> bool:
+    """Whether `sni_for` takes the name from the client's Host (else it is fixed per
+    server), so a pool can key its idle connections by server alone."""
+    return not (settings.sni_name or settings.host_name
+                or settings.pick_host_name_from_backend_address)
+
+
 def strip_port(host: str) -> str:
     if host.startswith("["):
         return host[1 : host.find("]")] if "]" in host else host

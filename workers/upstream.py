@@ -18,7 +18,13 @@ from OpenSSL import SSL
 from gatewayd.config_sections import split_host_port
 from gatewayd.model import BackendPool, BackendSettings
 from gatewayd.tlsconf import client_context, verify_result
-from gatewayd.trust import TrustFailure, check_backend, is_ip_literal, sni_for
+from gatewayd.trust import (
+    TrustFailure,
+    check_backend,
+    is_ip_literal,
+    sni_for,
+    sni_from_request,
+)
 
 from .http1 import ResponseParser
 from .resolver import Resolver
@@ -147,10 +153,8 @@ class UpstreamPool:
         except KeyError:
             settings = self._settings[settings_name]
             context = self._contexts.get(settings_name)
-            request_named = context is not None and not (
-                settings.sni_name or settings.host_name
-                or settings.pick_host_name_from_backend_address)
-            target = _Target(settings, context, request_named)
+            target = _Target(settings, context,
+                             context is not None and sni_from_request(settings))
             self._targets.setdefault(pool_name, {})[settings_name] = target
             return target
 
