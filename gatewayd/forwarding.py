@@ -187,6 +187,14 @@ def _classify_response(name: bytes) -> tuple[bytes, int]:
     return entry
 
 
+# For the response parser, which sorts fields as it reads them (see passed_response_head):
+# the same table, so "passed on" means exactly what client_response_head keeps.
+RESPONSE_NAMES = _RESPONSE_NAMES  # name as received → (lower-case name, kind)
+classify_response = _classify_response  # fills RESPONSE_NAMES for a name not in it
+PASSED = _KEEP  # the kind of a field passed on to the client
+NOT_PASSED: frozenset[bytes] = _RESPONSE_DROP  # lower-case names that never are
+
+
 def _seed() -> None:
     common = (
         b"Host Connection Keep-Alive Proxy-Connection TE Trailer Transfer-Encoding Upgrade "

@@ -32,7 +32,7 @@ from typing import NoReturn
 
 import httptools  # type: ignore[import-untyped, unused-ignore]
 
-from gatewayd.forwarding import HOP_BY_HOP
+from gatewayd.forwarding import NOT_PASSED, PASSED, RESPONSE_NAMES, classify_response
 
 __all__ = [
     "END",
@@ -191,28 +191,9 @@ def _te_error(value: bytes) -> HttpError:
     return HttpError(400, "bad_transfer_encoding")
 
 
-# How a response field name is sorted (ResponseHead): passed on, or one of the fields that
-# describe the connection or the framing.  Names repeat endlessly across responses, so
-# each spelling is classified once (bounded, so a backend cannot grow it without limit).
-_PASSED = 0
-_CONTENT_LENGTH = 1
-_TRANSFER_ENCODING = 2
-_CONNECTION = 3
-_HOP_BY_HOP = 4
-_HOP_KINDS = {b"content-length": _CONTENT_LENGTH, b"transfer-encoding": _TRANSFER_ENCODING,
-              b"connection": _CONNECTION, **dict.fromkeys(HOP_BY_HOP - {b"connection",
-                                                                        b"transfer-encoding"},
-                                                          _HOP_BY_HOP)}
-_HOP_LENS = frozenset(len(name) for name in _HOP_KINDS)
-_FIELD_KINDS: dict[bytes, int] = {}
-_FIELD_KINDS_LIMIT = 2048
-
-
-def _field_kind(name: bytes) -> int:
-    kind = _HOP_KINDS.get(name.lower(), _PASSED)
-    if len(_FIELD_KINDS) < _FIELD_KINDS_LIMIT:
-        _FIELD_KINDS[name] = kind
-    return kind
+# Lengths of the response field names that are not passed on (hop-by-hop, Content-Length):
+# a name of another length is passed on without a lookup.
+_NOT_PASSED_LENS = frozenset(len(name) for name in NOT_PASSED)
 
 
 def _has_token(value: bytes, token: bytes) -> bool:
@@ -842,8 +823,8 @@ class ResponseParser:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # The head's size and field count are checked once it is complete (_feed_heads,
-        # on_headers_complete): this runs for every field of every response, and an
-        # end-to-end field costs one lookup and one list extend (see ResponseHead).
+        # on_headers_complete): this runs for every field of every response, and most
+        # end-to-end fields cost one length test and one list extend (see ResponseHead).
         if self._state != _HEAD:  # trailers: bounded by the same limits, then dropped
             self._hdr_bytes += len(name) + len(value) + 4
             if self._hdr_bytes > self._max_hdr:
@@ -851,21 +832,22 @@ class ResponseParser:
             return
         if value and value[-1] <= 0x20:  # SP or HTAB: see RequestParser.on_header
             value = value.rstrip(_OWS)
-        if len(name) not in _HOP_LENS:  # most names: passed on without a lookup
-            self._passed += (name, b": ", value, b"\r\n")
-            return
-        kind = _FIELD_KINDS.get(name)
-        if kind is None:
-            kind = _field_kind(name)
-        if kind == _PASSED:
-            self._passed += (name, b": ", value, b"\r\n")
-            return
+        if len(name) in _NOT_PASSED_LENS:
+            lower, kind = RESPONSE_NAMES.get(name) or classify_response(name)
+            if kind != PASSED:
+                self._hop_field(lower, name, value)
+                return
+        self._passed += (name, b": ", value, b"\r\n")
+
+    def _hop_field(self, lower: bytes, name: bytes, value: bytes) -> None:
+        """A field not passed on: kept aside (ResponseHead.hop_fields), and the framing
+        and Connection fields checked and remembered."""
         self._hop.append((len(self._passed), name, value))
-        if kind == _CONTENT_LENGTH:
+        if lower == b"content-length":
             if self._cl is not None or not value.isdigit():
                 self._fail("invalid Content-Length")
             self._cl = int(value)
-        elif kind == _TRANSFER_ENCODING:
+        elif lower == b"transfer-encoding":
             # We re-frame bodies and drop hop-by-hop TE, so only ``chunked`` can be
             # relayed faithfully; other codings would reach the client undecoded.
             if self._chunked or value.lower() != b"chunked":
@@ -873,7 +855,7 @@ class ResponseParser:
             if self._p.get_http_version() == "1.0":  # RFC 9112 section 6.1
                 self._fail("Transfer-Encoding on HTTP/1.0")
             self._chunked = True
-        elif kind == _CONNECTION:
+        elif lower == b"connection":
             self._conn.append(value)
 
     def on_headers_complete(self) -> None:
