@@ -66,6 +66,8 @@ class Settings:
     configs: tuple[str, ...]
     cost_variants: bool
     mitmproxy: bool
+    #: rounds per run of the interleaved keep-alive measurement (see Bench.interleaved)
+    ka_rounds: int = 3
 
 
 FULL = Settings(runs=3, ka_seconds=4, ka_connections=64, hs_seconds=3, hs_clients=8,
@@ -78,7 +80,7 @@ QUICK = Settings(runs=1, ka_seconds=3, ka_connections=64, hs_seconds=2, hs_clien
                  mib_seconds=2, mib_connections=8, idle_connections=2_000, idle_runs=1,
                  scenarios=("ka", "hs_full_ec", "mib", "idle"),
                  configs=("gatewayd-1w", "nginx-1w", "haproxy-1t", "direct"),
-                 cost_variants=True, mitmproxy=False)
+                 cost_variants=True, mitmproxy=False, ka_rounds=1)
 #: The whole run may wait this long in total for a quiet machine (see wait_quiet).
 QUIET_BUDGET = {"full": 60.0, "quick": 20.0}
 
@@ -120,7 +122,7 @@ class Bench:
     quiet_budget: float = 60.0
 
     def measure(self, server: Server, config: str, run: int, scenario: str,
-                fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+                fn: Callable[[], dict[str, Any]], **extra: Any) -> dict[str, Any]:
         """Run *fn* and add the proxy's CPU (master + all children, from /proc) and the
         foreign CPU (everything that is neither proxy, backend nor load generator)."""
         t_quiet = time.monotonic()
@@ -150,7 +152,8 @@ class Bench:
         result.update(config=config, run=run, scenario=scenario, proxy_cpu_s=proxy_cpu,
                       backend_cpu_s=backend_cpu, loadgen_cpu_s=load_cpu,
                       foreign_cpu_pct=max(0.0, 100 * foreign / wall / (os.cpu_count() or 1)),
-                      quiet_before_pct=100 * quiet, tls=getattr(server, "tls_version", "?"))
+                      quiet_before_pct=100 * quiet, tls=getattr(server, "tls_version", "?"),
+                      **extra)
         self.results.append(result)
         with self.raw.open("a") as raw:
             raw.write(json.dumps(result) + "\n")
@@ -159,13 +162,14 @@ class Bench:
 
     # scenarios --------------------------------------------------------------------------
 
-    def keepalive(self, server: Server, config: str, run: int, seconds: float = 0) -> None:
+    def keepalive(self, server: Server, config: str, run: int, seconds: float = 0,
+                  scenario: str = "ka", **extra: Any) -> None:
         s = self.settings
         url = f"https://127.0.0.1:{server.port}/small"
         load.wrk(url, connections=s.ka_connections, seconds=1, cpus=LOAD_CPUS)  # warm-up
-        self.measure(server, config, run, "ka", lambda: load.wrk(
+        self.measure(server, config, run, scenario, lambda: load.wrk(
             url, connections=s.ka_connections, seconds=seconds or s.ka_seconds,
-            cpus=LOAD_CPUS))
+            cpus=LOAD_CPUS), **extra)
 
     def handshakes(self, server: Server, config: str, run: int, scenario: str,
                    resume: bool) -> None:
@@ -260,6 +264,26 @@ class Bench:
             finally:
                 server.proc.stop()
 
+    def interleaved(self, configs: list[str], run: int) -> None:
+        """Keep-alive through *configs*, all started at once and each measured in turn,
+        `ka_rounds` times, the order rotating by one per round (scenario "ka_i").
+
+        The ratios the targets use come from here: two measurements seconds apart share
+        the machine's drift (±30 % between runs on this shared 2-core machine), and no
+        proxy is measured only as the first thing after its boot.  The idle proxies use
+        the same core but next to no CPU while another one is measured."""
+        servers: dict[str, Server] = {}
+        try:
+            for config in configs:
+                servers[config] = self.start(config, "ec")
+            for rnd in range(self.settings.ka_rounds):
+                shift = (run * self.settings.ka_rounds + rnd) % len(configs)
+                for config in configs[shift:] + configs[:shift]:
+                    self.keepalive(servers[config], config, run, scenario="ka_i", round=rnd)
+        finally:
+            for server in servers.values():
+                server.stop()
+
     def run_ka_only(self, config: str, run: int, seconds: float = 0) -> None:
         server = self.start(config, "ec")
         try:
@@ -352,10 +376,10 @@ def main() -> int:
                   flush=True)
             for config in s.configs:
                 bench.run_config(config, run)
-            if s.cost_variants:
-                # a small difference between two noisy figures: twice the duration
-                for config in ("gatewayd-1w-all-on", "gatewayd-1w-all-off"):
-                    bench.run_ka_only(config, run, seconds=2 * s.ka_seconds)
+            pair = [c for c in ("gatewayd-1w", "nginx-1w") if c in s.configs]
+            cost = ["gatewayd-1w-all-on", "gatewayd-1w-all-off"] if s.cost_variants else []
+            if len(pair + cost) >= 2:
+                bench.interleaved(pair + cost, run)
             if mitm:
                 try:
                     bench.run_ka_only("mitmproxy", run)
