@@ -59,9 +59,10 @@ def test_combined_format(tmp_path: Path, pki, backend_factory) -> None:
 
 
 def test_fast_json_lines_equal_json_dumps() -> None:
-    """The access log's template encoder must write exactly what json.dumps writes, for
-    every field with values of its type: str (ASCII, Latin-1, BMP, quotes, control
-    characters), int, float (tiny to huge), and None where a timing may be missing."""
+    """The access log's template encoder must write what json.dumps writes, for every
+    field with values of its type: str (ASCII, Latin-1, BMP, quotes, control characters)
+    and int byte for byte; the times (tiny to huge, None where a timing may be missing)
+    with six decimals, parsing back to the value rounded to the microsecond."""
     import json
     import random
 
@@ -81,10 +82,27 @@ def test_fast_json_lines_equal_json_dumps() -> None:
         if name in floats:
             if name != "duration" and rng.random() < 0.3:
                 return None
-            return round(rng.random() * 10 ** rng.randint(-8, 8), 6)
+            return rng.random() * 10 ** rng.randint(-8, 8)
         return text()
+
+    def expected_text(name: str, v: object) -> str:
+        if name in floats:
+            return "null" if v is None else f"{v:.6f}"
+        return json.dumps(v)
 
     for _ in range(3000):
         values = tuple(value(name) for name in FIELDS)
-        expected = json.dumps(dict(zip(FIELDS, values, strict=True)), separators=(",", ":")) + "\n"
-        assert json_line(values) == expected
+        line = json_line(values)
+        expected = "{" + ",".join(f"{json.dumps(name)}:{expected_text(name, v)}"
+                                  for name, v in zip(FIELDS, values, strict=True)) + "}\n"
+        assert line == expected
+        parsed = json.loads(line)
+        assert list(parsed) == list(FIELDS)
+        for name, v in zip(FIELDS, values, strict=True):
+            if name in floats and v is not None:
+                assert isinstance(v, float)
+                assert parsed[name] == round(v, 6), (name, v, parsed[name])
+            else:
+                assert parsed[name] == v
+    assert '"duration":0.000000,' in json_line(tuple(
+        0.0 if name in floats else 0 if name in ints else "" for name in FIELDS))

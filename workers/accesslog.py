@@ -133,27 +133,36 @@ class AccessLog:
 
 
 # One JSON object per line, keys in FIELDS order.  Every value has a fixed type (str; int;
-# float; float or None), so the line is one %-format over a template with the keys already
-# in it: no dict, no loop, no type dispatch.  The result is byte for byte what
-# json.dumps(dict(zip(FIELDS, values)), separators=(",", ":")) writes (tests check it).
-_JSON_TEMPLATE = "{" + ",".join(f'"{name}":%s' for name in FIELDS) + "}\n"
+# float; float or None), so the line is one f-string with the keys already in it: no dict,
+# no loop, no type dispatch, and the interpreter sizes the result once (a %-format over
+# the same template costs half as much again).  Strings and ints come out byte for byte as
+# json.dumps(..., separators=(",", ":")) writes them; the times in seconds are written with
+# six decimals, like nginx's $request_time with three (tests check both).
 
 
 def json_line(values: tuple[Any, ...], q: Any = _quote) -> str:
     """The JSON access-log line of one record (`q` is bound once: it runs per request)."""
     (stamp, request_id, client_ip, client_port, listener, rule, path_rule, backend_pool,
      backend_settings, backend, method, uri, host, http_version, status, backend_status,
-     bytes_received, bytes_sent, duration, connect_time, first_byte_time, tls_protocol,
+     bytes_received, bytes_sent, duration, connect, first_byte, tls_protocol,
      tls_cipher, sni, user_agent, error_info, redirect_location, cert_verify, cert_subject,
      cert_issuer, cert_fingerprint) = values
-    return _JSON_TEMPLATE % (
-        q(stamp), q(request_id), q(client_ip), client_port, q(listener), q(rule),
-        q(path_rule), q(backend_pool), q(backend_settings), q(backend), q(method), q(uri),
-        q(host), q(http_version), status, backend_status, bytes_received, bytes_sent,
-        repr(duration), "null" if connect_time is None else repr(connect_time),
-        "null" if first_byte_time is None else repr(first_byte_time), q(tls_protocol),
-        q(tls_cipher), q(sni), q(user_agent), q(error_info), q(redirect_location),
-        q(cert_verify), q(cert_subject), q(cert_issuer), q(cert_fingerprint))
+    return (
+        f'{{"time":{q(stamp)},"request_id":{q(request_id)},"client_ip":{q(client_ip)},'
+        f'"client_port":{client_port},"listener":{q(listener)},"rule":{q(rule)},'
+        f'"path_rule":{q(path_rule)},"backend_pool":{q(backend_pool)},'
+        f'"backend_settings":{q(backend_settings)},"backend":{q(backend)},'
+        f'"method":{q(method)},"uri":{q(uri)},"host":{q(host)},'
+        f'"http_version":{q(http_version)},"status":{status},'
+        f'"backend_status":{backend_status},"bytes_received":{bytes_received},'
+        f'"bytes_sent":{bytes_sent},"duration":{duration:.6f},'
+        f'"backend_connect_time":{"null" if connect is None else f"{connect:.6f}"},'
+        f'"backend_first_byte_time":{"null" if first_byte is None else f"{first_byte:.6f}"},'
+        f'"tls_protocol":{q(tls_protocol)},"tls_cipher":{q(tls_cipher)},"sni":{q(sni)},'
+        f'"user_agent":{q(user_agent)},"error_info":{q(error_info)},'
+        f'"redirect_location":{q(redirect_location)},"client_cert_verify":{q(cert_verify)},'
+        f'"client_cert_subject":{q(cert_subject)},"client_cert_issuer":{q(cert_issuer)},'
+        f'"client_cert_fingerprint":{q(cert_fingerprint)}}}\n')
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -128,15 +128,12 @@ class RequestRecord:
             cert = conn.client_cert
             cert_verify, cert_subject = cert.verify, cert.subject
             cert_issuer, cert_fingerprint = cert.issuer, cert.fingerprint
-        connect_time, first_byte_time = self.backend_connect_time, self.backend_first_byte_time
         log.write((  # accesslog.FIELDS, in that order
             _timestamp(self.started), self.request_id, conn.client_ip, conn.client_port,
             self.listener, self.rule, self.path_rule, self.backend_pool,
             self.backend_settings, self.backend, method, self.uri_text(), host, version,
             self.status, self.backend_status, self.bytes_received, self.bytes_sent,
-            round(now - self.started, 6),
-            None if connect_time is None else round(connect_time, 6),
-            None if first_byte_time is None else round(first_byte_time, 6),
+            now - self.started, self.backend_connect_time, self.backend_first_byte_time,
             conn.tls_protocol, conn.tls_cipher, conn.sni or "", user_agent,
             self.error_info, self.redirect, cert_verify, cert_subject, cert_issuer,
             cert_fingerprint,
