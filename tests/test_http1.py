@@ -573,7 +573,10 @@ _SEQUENCE = [
     (b"POST", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\n"
               b"Content-Length: 2\r\n\r\nok", True),
     (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", True),
-    (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 70000\r\n\r\n" + b"z" * 70000, True),
+    (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 65535\r\n\r\n" + b"z" * 65535, True),
+    # a body of _UNFED_BODY bytes or more is only counted, llhttp never sees its end
+    (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 65536\r\n\r\n" + b"z" * 65536, False),
+    (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", True),
     # llhttp would still expect a HEAD response's body: not reusable after it
     (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", False),
 ]
@@ -592,6 +595,29 @@ def test_a_reused_response_parser_reads_each_response_as_a_fresh_one(split: bool
         assert kept.reusable is reusable
         if not reusable:
             kept = None
+
+
+def test_a_long_counted_body_ends_where_its_content_length_says() -> None:
+    """A body llhttp is not fed (_UNFED_BODY) is framed by the count alone: the chunks
+    come back as the very objects fed, END comes with its last byte, bytes past it are
+    `extra` and never relayed, and the parser reports the backend's EOF after it as
+    nothing (the response was complete)."""
+    size = 100_000
+    p = ResponseParser(request_method=b"GET")
+    events = p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"a" * 10)
+    assert isinstance(events[0], ResponseHead) and events[0].content_length == size
+    assert p.counting
+    chunk = memoryview(b"b" * 60_000)
+    assert p.feed(chunk)[0] is chunk
+    last = p.feed(b"c" * (size - 60_010) + b"HTTP/1.1 200 OK\r\n")
+    assert last == [b"c" * (size - 60_010), END]
+    assert p.extra and not p.reusable and not p.counting
+    assert p.feed(b"more") == [] and p.feed_eof() == []
+    # cut short: a truncated response, as with a short body
+    q = ResponseParser(request_method=b"GET")
+    q.feed(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"a" * 99_999)
+    with pytest.raises(HttpError, match="truncated"):
+        q.feed_eof()
 
 
 def test_a_response_parser_is_not_reusable_before_the_end_or_after_extra_bytes() -> None:

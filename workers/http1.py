@@ -61,6 +61,12 @@ _REASON_CHARS = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
 # set lookup costs a fraction of the character check.  Bounded like forwarding's caches.
 _GOOD_REASONS: set[bytes] = set()
 _GOOD_REASONS_LIMIT = 256
+#: A Content-Length body this long or longer is counted without llhttp: httptools copies
+#: every chunk it is fed into a new bytes object for on_body, a second copy of the whole
+#: body (after OpenSSL's) that is ~4 % of a 1 MiB response's CPU.  The parser is not
+#: reused after such a body (llhttp never saw its end); making a new one costs less than
+#: copying 64 KiB.
+_UNFED_BODY = 65536
 # Host values already found well-formed (the same few arrive on every request).
 _GOOD_HOSTS: set[bytes] = set()
 _GOOD_HOSTS_LIMIT = 1024
@@ -606,6 +612,7 @@ class ResponseParser:
         "_reason",
         "_state",
         "_tail",
+        "_unfed",
         "_version",
         "extra",
         "trailing",
@@ -639,6 +646,7 @@ class ResponseParser:
         self._interims = 0
         self._began = False
         self._left: int | None = None  # bytes still due of a Content-Length body
+        self._unfed = False  # ... which llhttp is not fed (see _UNFED_BODY)
         self._version: bytes | None = None  # read off the status line (see _feed_heads)
 
     def next_response(self, request_method: bytes) -> None:
@@ -775,9 +783,10 @@ class ResponseParser:
     def _count_body(self, data: bytes) -> None:
         """A Content-Length body is passed on as it came: each chunk is the very object
         fed (a caller's view, not a copy), and whatever follows the last byte is `extra`
-        (the connection is not reused then).  llhttp is fed the same bytes, without a
-        callback per chunk (on_body ignores them), so that its message ends where the
-        body does: on_message_complete adds END and the parser stays `reusable`."""
+        (the connection is not reused then).  A short body is fed to llhttp too (on_body
+        ignores it) so that its message ends where the body does: on_message_complete adds
+        END and the parser stays `reusable`.  A long one (_UNFED_BODY) is only counted;
+        its last byte adds END here, and the parser is not reused."""
         left = self._left
         assert left is not None
         size = len(data)
@@ -786,6 +795,16 @@ class ResponseParser:
             data = data[:left]
             size = left
         self._events.append(data)
+        if self._unfed:
+            left -= size
+            if left:
+                self._left = left
+            else:
+                self._left = None
+                self._events.append(END)
+                self._state = _IDLE
+                self._done = True
+            return
         self._p.feed_data(data)
         self._left = left - size or None
 
@@ -904,6 +923,7 @@ class ResponseParser:
             self._state = _BODY
             if cl:  # counted by _count_body from here on; llhttp completes a 0 itself
                 self._left = cl
+                self._unfed = cl >= _UNFED_BODY
 
     def _persistent(self, version: bytes) -> bool:
         """RFC 9112 section 9.3, computed here for bodiless responses llhttp misjudges
