@@ -131,6 +131,36 @@ def test_pipelined_requests_in_one_feed() -> None:
     ]
 
 
+def test_requests_before_a_malformed_one_in_the_same_feed_are_still_returned() -> None:
+    """A pipelining client's good requests are answered before the 400 for the bad one
+    that follows them in the same read (as nginx does); nothing of the bad one comes out,
+    the error waits in `error` and the next feed raises it."""
+    good = (b"GET /a HTTP/1.1\r\n" + H + b"\r\n"
+            b"POST /b HTTP/1.1\r\n" + H + b"Content-Length: 2\r\n\r\nok")
+    bad = (b"POST /c HTTP/1.1\r\n" + H + b"Content-Length: 4\r\n"
+           b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    for chunks in ([good + bad], [good[:-1], good[-1:] + bad]):
+        p = RequestParser()
+        events = feed_all(p, chunks)
+        assert [h.target for h in heads(events)] == [b"/a", b"/b"]
+        assert events[-2:] == [b"ok", END]
+        assert p.error is not None and p.error.status == 400
+        with pytest.raises(HttpError) as info:
+            p.feed(b"GET /d HTTP/1.1\r\n" + H + b"\r\n")
+        assert info.value is p.error
+    # the bad request alone in its read: raised at once, as before
+    p = RequestParser()
+    assert p.error is None
+    assert len(heads(feed_all(p, [good]))) == 2
+    with pytest.raises(HttpError):
+        p.feed(bad)
+    # an error inside a request whose head was already returned: raised at once
+    p = RequestParser()
+    p.feed(b"POST /e HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n")
+    with pytest.raises(HttpError):
+        p.feed(b"zz\r\n")
+
+
 def test_bytes_after_non_persistent_request_are_ignored() -> None:
     """RFC 9112 section 9.6: no further requests after ``close``."""
     p = RequestParser()

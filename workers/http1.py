@@ -326,13 +326,34 @@ class RequestParser:
                     return events
                 self._err = HttpError(400, "bad_request: " + str(exc))
             self._halt = True
-            raise self._err from None
+            return self._before_error(events)
         state = self._state
         if state == _HEAD:
-            self._check_raw_head(len(data))
+            try:
+                self._check_raw_head(len(data))
+            except HttpError:
+                return self._before_error(events)
         elif self._trl and state == _BODY:
             self._check_raw_trailers(len(data))
         return events
+
+    @property
+    def error(self) -> HttpError | None:
+        """The error that ended parsing, once raised or deferred (see _before_error)."""
+        return self._err
+
+    def _before_error(self, events: list[RequestEvent]) -> list[RequestEvent]:
+        """A feed that ends in an error: the requests it completed before the bad bytes
+        are still returned, to be answered in order as a pipelining client expects
+        (nginx does the same); the error is kept in `error` for the caller to answer after
+        them, and the next feed raises it.  Without a complete request first, raise."""
+        err = self._err
+        assert err is not None
+        for i in range(len(events) - 1, -1, -1):
+            if events[i] is END:
+                del events[i + 1:]  # the bad request's own events, if any
+                return events
+        raise err from None
 
     # ---- limits that need byte counting -------------------------------------------
 

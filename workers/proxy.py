@@ -293,6 +293,10 @@ class Connection:
                 continue  # stray events cannot happen; be robust anyway
             if self.parser.upgraded:
                 return None
+            error = self.parser.error
+            if error is not None:  # malformed bytes pipelined after the requests answered
+                self._reply_error(error.status, error.error_info, close=True)
+                return None
             if deadline is None and (first or self.parser.in_message()):
                 deadline = time.monotonic() + limits.client_header_timeout
             timeout = (limits.keepalive_timeout if deadline is None
