@@ -8,8 +8,9 @@ setup(
     version="0.1.0",
     description="Self-hosted Layer-7 application gateway with end-to-end TLS",
     python_requires=">=3.11",
-    packages=["gatewayd", "gatewayd.workers"],
-    package_dir={"gatewayd": "gatewayd", "gatewayd.workers": "workers"},
+    packages=["gatewayd", "gatewayd.workers", "gatewayd.workers.http1"],
+    package_dir={"gatewayd": "gatewayd", "gatewayd.workers": "workers",
+                 "gatewayd.workers.http1": "workers/http1"},
     install_requires=[
         "gevent>=24.2,<27",
         "pyOpenSSL>=25.0,<27",

@@ -1,4 +1,4 @@
-"""Pure tests of the sans-IO HTTP/1.x parsers (workers/http1.py): no sockets, no gevent.
+"""Pure tests of the sans-IO HTTP/1.x parsers (workers/http1/): no sockets, no gevent.
 
 Most tests are tables: raw bytes in, events (or the refusing HttpError) out.  Every input
 is also checked with byte-at-a-time and two-piece feeding, since the worker hands the

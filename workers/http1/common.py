@@ -1,0 +1,64 @@
+"""What the request and the response parsers share: the error every refusal is, the
+END event, llhttp's exceptions, the parser states and small helpers (see __init__)."""
+
+from __future__ import annotations
+
+import httptools  # type: ignore[import-untyped, unused-ignore]
+
+_HttpParserError = httptools.HttpParserError
+_HttpParserUpgrade = httptools.HttpParserUpgrade
+
+_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+_OWS = b" \t"
+
+
+class HttpError(Exception):
+    """The peer sent something we refuse; the connection must be closed after answering.
+
+    ``status`` is the status the gateway answers with (CONTRACT section 7: 400, 405, 413,
+    414, 431, 501 for requests, 502 for backend responses) and ``error_info`` the short
+    cause for the access log.
+    """
+
+    def __init__(self, status: int, error_info: str) -> None:
+        super().__init__(status, error_info)
+        self.status = status
+        self.error_info = error_info
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.error_info}"
+
+
+class EndOfMessage:
+    """Marks the end of one message; use the singleton :data:`END`."""
+
+    __slots__ = ()
+    _instance: EndOfMessage | None = None
+
+    def __new__(cls) -> EndOfMessage:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "END"
+
+
+END = EndOfMessage()
+
+
+class _Stop(Exception):
+    """Raised from a callback to make llhttp stop where we decided the stream ends."""
+
+
+_STOP = _Stop()
+
+# parser states
+_IDLE = 0  # between messages (llhttp may be skipping CRLFs)
+_HEAD = 1  # request/status line or header section in progress
+_BODY = 2  # after the head, before END
+
+
+def _has_token(value: bytes, token: bytes) -> bool:
+    """True if the comma-separated list ``value`` contains ``token`` (case-insensitive)."""
+    return any(t.strip(_OWS).lower() == token for t in value.split(b","))
