@@ -30,6 +30,7 @@ from gatewayd.tlsconf import SNIRejected
 from . import certwatch
 from .accesslog import AccessLog
 from .balancer import Balancer
+from .memtrim import MemoryTrimmer, malloc_trim
 from .proxy import BindContext, Connection, DrainWake, Runtime
 from .serving import ServingGreenlets
 from .spec import READY, STOPPED_ACCEPTING, BoundListener, WorkerSpec
@@ -139,11 +140,13 @@ class Worker:
         path = self.spec.heartbeat_path
         with open(path, "wb"):
             pass
+        trimmer = MemoryTrimmer(malloc_trim())  # memory back after a spike (see memtrim)
         while True:
             if os.getppid() != self.spec.master_pid:
                 log.error("master %d is gone; worker exits", self.spec.master_pid)
                 os._exit(0)
             os.utime(path)
+            trimmer.observe(self.runtime.stats.connections)
             gevent.sleep(HEARTBEAT_INTERVAL)
 
     def _reopen_logs(self) -> None:
