@@ -192,7 +192,7 @@ def test_ten_thousand_idle_tls_connections_on_one_worker(
         wait_for(lambda: value(scrape(gw), "gatewayd_worker_connections",
                                pid=str(worker)) == 0, 30, "the worker to drop them all")
         # The spike's memory goes back to the system (workers/memtrim.py): without the
-        # trim glibc kept ~90 % of it (343 of 383 MiB); with it, ~80 % is returned.
+        # trim glibc kept ~90 % of it (335 of 374 MiB); with it, ~80 % is returned.
         limit = before + (after - before) // 2
         wait_for(lambda: rss_kib(worker) <= limit, 15,
                  f"worker RSS back to <= {limit} KiB (was {after} KiB with the connections)")

@@ -1,9 +1,9 @@
 """Give a worker's freed memory back to the system after a connection spike.
 
 glibc's allocator keeps freed heap memory for reuse instead of returning it: measured with
-the bench's gatewayd, a worker idles at ~42 MB, holds ~380 MB with 10,000 idle TLS client
-connections, and still holds ~343 MB once they have all closed.  An operator reads that as
-a leak.  `malloc_trim(0)` returns the free pages (OpenSSL's per-connection buffers and
+the bench's gatewayd, a worker idles at 42 MiB, holds 374 MiB with 10,000 idle TLS client
+connections, and still held 335 MiB once they had all closed (~100 MiB with the trim).  An
+operator reads that as a leak.  `malloc_trim(0)` returns the free pages (OpenSSL's per-connection buffers and
 the greenlets' stacks are plain malloc memory).
 
 It is called from the worker's once-a-second heartbeat when the open connections have
