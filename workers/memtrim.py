@@ -2,9 +2,9 @@
 
 glibc's allocator keeps freed heap memory for reuse instead of returning it: measured with
 the bench's gatewayd, a worker idles at 42 MiB, holds 374 MiB with 10,000 idle TLS client
-connections, and still held 335 MiB once they had all closed (~100 MiB with the trim).  An
-operator reads that as a leak.  `malloc_trim(0)` returns the free pages (OpenSSL's per-connection buffers and
-the greenlets' stacks are plain malloc memory).
+connections, and still held 335 MiB once they had all closed (~100 MiB with the trim).
+An operator reads that as a leak.  `malloc_trim(0)` returns the free pages (OpenSSL's
+per-connection buffers and the greenlets' stacks are plain malloc memory).
 
 It is called from the worker's once-a-second heartbeat when the open connections have
 fallen to half of their peak since the last trim, and the peak was large enough to matter
