@@ -214,6 +214,13 @@ class Prober:
 
 def _read_response(stream: Stream) -> tuple[int, bytes]:
     parser = ResponseParser(request_method=b"GET")
+    try:
+        return _read_with(parser, stream)
+    finally:
+        parser.close()
+
+
+def _read_with(parser: ResponseParser, stream: Stream) -> tuple[int, bytes]:
     status = 0
     body = bytearray()
     while True:

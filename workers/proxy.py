@@ -189,6 +189,7 @@ class Connection:
         except (_Abort, StreamClosed, StreamTimeout, OSError):
             pass
         finally:
+            self.parser.close()
             if counted:
                 stats.connections -= 1
                 stats.client_connections[self.listener_label] -= 1
@@ -541,10 +542,12 @@ class Connection:
             if parser is not None and parser.reusable:
                 parser.next_response(head.method)
             else:
+                if parser is not None:
+                    parser.close()
                 parser = up.parser = ResponseParser(request_method=head.method)
             resp, pending = self._read_response_head(up, parser, upgrade=record.upgrade)
         except _UpstreamGone as exc:
-            up.stream.close()
+            up.close()
             if up.reused and head.method in IDEMPOTENT and _no_body(head):
                 # the backend closed a pooled connection as we reused it: try a new one
                 fresh = self._reconnect(head, route, up, record)
@@ -555,11 +558,11 @@ class Connection:
             self._backend_failed(record, exc.reason)
             return self._refuse(head, record, 502, exc.reason, body_pending=False)
         except StreamTimeout:
-            up.stream.close()
+            up.close()
             self._backend_failed(record, "response_timeout")
             return self._refuse(head, record, 504, "response_timeout", body_pending=False)
         except HttpError as exc:
-            up.stream.close()
+            up.close()
             self._backend_failed(record, "invalid_response")
             return self._refuse(head, record, 502, exc.error_info, body_pending=False)
         first_byte = time.monotonic() - sent_at
@@ -601,7 +604,7 @@ class Connection:
             record.bytes_sent = result.backend_to_client
             record.error_info = f"websocket_closed: {result.reason}"
         finally:
-            up.stream.close()
+            up.close()
         return False
 
     def _reconnect(
@@ -741,7 +744,7 @@ class Connection:
                     data = up.stream.recv()
                 pending.extend(parser.feed(data) if data else parser.feed_eof())
         except (HttpError, StreamClosed, StreamTimeout) as exc:
-            up.stream.close()
+            up.close()
             record.error_info = f"upstream_truncated: {exc}"
             self._backend_failed(record, "reset")
             record.bytes_sent = sent
@@ -754,7 +757,7 @@ class Connection:
             up.requests += 1
             self.rt.upstreams.release(up)
         else:
-            up.stream.close()
+            up.close()
         return keep
 
     # -- answers made by the gateway ------------------------------------------------

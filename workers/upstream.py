@@ -107,6 +107,13 @@ class Upstream:
     # connection reuses it if it is `reusable` (see Connection._relay).
     parser: ResponseParser | None = None
 
+    def close(self) -> None:
+        """Close the connection for good (it is not returned to the pool)."""
+        self.stream.close()
+        if self.parser is not None:
+            self.parser.close()
+            self.parser = None
+
 
 @dataclass(slots=True)
 class _Target:
@@ -197,7 +204,7 @@ class UpstreamPool:
                                              and not peer_closed(up.stream.sock)):
                     up.reused = True
                     return up
-                up.stream.close()
+                up.close()
         return self._connect(target, server, idle, self._name(target, server, client_host))
 
     def acquire_fresh(
@@ -212,7 +219,7 @@ class UpstreamPool:
         """Return a connection whose last response was complete and keep-alive."""
         idle = up.idle
         if len(idle) >= MAX_IDLE_PER_KEY:
-            up.stream.close()
+            up.close()
             return
         up.idle_since = time.monotonic()
         up.stream.timeout = None
@@ -221,7 +228,7 @@ class UpstreamPool:
     def close_idle(self) -> None:
         for idle in self._idle.values():
             while idle:
-                idle.pop().stream.close()
+                idle.pop().close()
 
     def _connect(
         self, target: _Target, server: Server, idle: deque[Upstream], name: str

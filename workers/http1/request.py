@@ -157,6 +157,16 @@ class RequestParser:
 
     # ---- public API ---------------------------------------------------------------
 
+    def close(self) -> None:
+        """Drop llhttp, once this parser's connection is done.  httptools keeps the bound
+        callback methods of this object, and this object keeps httptools' parser: a
+        reference cycle that only the cyclic collector would free (a dozen objects per
+        parser), and only late for a long-lived connection.  No feed after this."""
+        try:
+            del self._p
+        except AttributeError:
+            pass  # closed already
+
     def in_message(self) -> bool:
         """True between the first byte of a request and its END (408 vs quiet close)."""
         return self._state != _IDLE

@@ -164,6 +164,16 @@ class ResponseParser:
         self._unfed = False  # ... which llhttp is not fed (see _UNFED_BODY)
         self._version: bytes | None = None  # read off the status line (see _feed_heads)
 
+    def close(self) -> None:
+        """Drop llhttp, once this parser's connection is done.  httptools keeps the bound
+        callback methods of this object, and this object keeps httptools' parser: a
+        reference cycle that only the cyclic collector would free (a dozen objects per
+        parser), and only late for a long-lived connection.  No feed after this."""
+        try:
+            del self._p
+        except AttributeError:
+            pass  # closed already
+
     def next_response(self, request_method: bytes) -> None:
         """Get a `reusable` parser ready for the connection's next response, to
         `request_method`.  A complete response leaves the rest as a new parser has it:
