@@ -62,3 +62,19 @@ _BODY = 2  # after the head, before END
 def _has_token(value: bytes, token: bytes) -> bool:
     """True if the comma-separated list ``value`` contains ``token`` (case-insensitive)."""
     return any(t.strip(_OWS).lower() == token for t in value.split(b","))
+
+
+class LlhttpOwner:
+    """Base of both parsers, which keep their httptools parser in `_p`."""
+
+    __slots__ = ()
+
+    def close(self) -> None:
+        """Drop llhttp, once this parser's connection is done.  httptools keeps the bound
+        callback methods of the parser, and the parser keeps httptools': a reference cycle
+        that only the cyclic collector would free (a dozen objects per parser), and only
+        late for a long-lived connection.  No feed after this; closing twice is fine."""
+        try:
+            delattr(self, "_p")
+        except AttributeError:
+            pass  # closed already

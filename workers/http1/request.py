@@ -19,6 +19,7 @@ from .common import (
     END,
     EndOfMessage,
     HttpError,
+    LlhttpOwner,
     _HttpParserError,
     _HttpParserUpgrade,
 )
@@ -68,7 +69,7 @@ def _te_error(value: bytes) -> HttpError:
     return HttpError(400, "bad_transfer_encoding")
 
 
-class RequestParser:
+class RequestParser(LlhttpOwner):
     """Incremental parser for the requests of one client connection.
 
     ``feed()`` returns events in wire order, pipelined requests included (RFC 9112 section
@@ -156,16 +157,6 @@ class RequestParser:
         self._p = httptools.HttpRequestParser(self)
 
     # ---- public API ---------------------------------------------------------------
-
-    def close(self) -> None:
-        """Drop llhttp, once this parser's connection is done.  httptools keeps the bound
-        callback methods of this object, and this object keeps httptools' parser: a
-        reference cycle that only the cyclic collector would free (a dozen objects per
-        parser), and only late for a long-lived connection.  No feed after this."""
-        try:
-            del self._p
-        except AttributeError:
-            pass  # closed already
 
     def in_message(self) -> bool:
         """True between the first byte of a request and its END (408 vs quiet close)."""

@@ -20,6 +20,7 @@ from .common import (
     END,
     EndOfMessage,
     HttpError,
+    LlhttpOwner,
     _has_token,
     _HttpParserError,
     _HttpParserUpgrade,
@@ -89,7 +90,7 @@ class ResponseHead:
 ResponseEvent = ResponseHead | bytes | EndOfMessage
 
 
-class ResponseParser:
+class ResponseParser(LlhttpOwner):
     """Incremental parser for one response (plus interim 1xx responses) from a backend.
 
     Every violation is ``HttpError(502, "invalid_response: ...")``: a response we cannot
@@ -163,16 +164,6 @@ class ResponseParser:
         self._left: int | None = None  # bytes still due of a Content-Length body
         self._unfed = False  # ... which llhttp is not fed (see _UNFED_BODY)
         self._version: bytes | None = None  # read off the status line (see _feed_heads)
-
-    def close(self) -> None:
-        """Drop llhttp, once this parser's connection is done.  httptools keeps the bound
-        callback methods of this object, and this object keeps httptools' parser: a
-        reference cycle that only the cyclic collector would free (a dozen objects per
-        parser), and only late for a long-lived connection.  No feed after this."""
-        try:
-            del self._p
-        except AttributeError:
-            pass  # closed already
 
     def next_response(self, request_method: bytes) -> None:
         """Get a `reusable` parser ready for the connection's next response, to
