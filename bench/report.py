@@ -110,6 +110,13 @@ def round_ratios(results: list[Result], metric: Metric, a: str, b: str) -> list[
     return [_div(va[k], vb[k]) for k in sorted(va) if k in vb]
 
 
+def ka_figure(results: list[Result], metric: Metric, config: str) -> float:
+    """A keep-alive figure as the targets use it: the median of the interleaved rounds
+    when there are any, else the median of the runs."""
+    per_round = rounds(results, metric, config)
+    return median(list(per_round.values())) if per_round else figure(results, metric, config)
+
+
 def ka_ratio(results: list[Result], metric: Metric, a: str, b: str) -> tuple[float, str]:
     """The keep-alive ratio the targets use, and where it comes from: the median of the
     interleaved rounds when there are any, else the median of the per-run ratios."""
@@ -137,9 +144,7 @@ def _target_rows(results: list[Result]) -> list[str]:
     per_cpu, source = ka_ratio(results, BY_KEY["ka_per_cpu"], "gatewayd-1w", "nginx-1w")
     row(f"keep-alive req per CPU-s vs nginx (1 worker; {source})", per_cpu, per_cpu >= 0.35,
         "≥ 0.35x (then 0.5x)")
-    us = median(list(rounds(results, BY_KEY["ka_cpu_us"], "gatewayd-1w").values())) \
-        if rounds(results, BY_KEY["ka_cpu_us"], "gatewayd-1w") \
-        else figure(results, BY_KEY["ka_cpu_us"], "gatewayd-1w")
+    us = ka_figure(results, BY_KEY["ka_cpu_us"], "gatewayd-1w")
     rows.append(f"| keep-alive CPU per request, gatewayd 1 worker | ≤ 57 µs | "
                 f"{_fmt(BY_KEY['ka_cpu_us'], us)}{'' if math.isnan(us) else ' µs'} | "
                 f"{'n/a' if math.isnan(us) else ('**met**' if us <= 57 else 'missed')} |")
@@ -202,24 +207,11 @@ def interleaved_section(results: list[Result]) -> list[str]:
 def cost_section(results: list[Result]) -> list[str]:
     on, off = "gatewayd-1w-all-on", "gatewayd-1w-all-off"
     rps, cpu = BY_KEY["ka_rps"], BY_KEY["ka_cpu_us"]
-    on_rounds = rounds(results, rps, on)
-    if not (on_rounds and rounds(results, rps, off)) and \
-            not (values(results, rps, on) and values(results, rps, off)):
+    if math.isnan(ka_figure(results, rps, on)) or math.isnan(ka_figure(results, rps, off)):
         return []
-    if on_rounds:  # interleaved: ratios per round
-        d_rps = 1 - median(round_ratios(results, rps, on, off))
-        d_cpu = median(round_ratios(results, cpu, on, off)) - 1
-
-        def fig(m: Metric, c: str) -> float:
-            return median(list(rounds(results, m, c).values()))
-        how = "median of per-round ratios, interleaved"
-    else:
-        d_rps = 1 - ratio(results, rps, on, off)
-        d_cpu = ratio(results, cpu, on, off) - 1
-
-        def fig(m: Metric, c: str) -> float:
-            return figure(results, m, c)
-        how = "median of per-run ratios"
+    rps_ratio, how = ka_ratio(results, rps, on, off)
+    d_rps = 1 - rps_ratio
+    d_cpu = ka_ratio(results, cpu, on, off)[0] - 1
     lines = [
         "## Cost of metrics and access logging (gatewayd, 1 worker, keep-alive /small)",
         "",
@@ -230,7 +222,8 @@ def cost_section(results: list[Result]) -> list[str]:
                       ("access_log = \"off\", GATEWAYD_METRICS=off", off),
                       ("gatewayd-1w: access_log = \"off\", metrics on (the default)",
                        "gatewayd-1w")):
-        lines.append(f"| {name} | {_fmt(rps, fig(rps, cfg))} | {_fmt(cpu, fig(cpu, cfg))} |")
+        lines.append(f"| {name} | {_fmt(rps, ka_figure(results, rps, cfg))} | "
+                     f"{_fmt(cpu, ka_figure(results, cpu, cfg))} |")
     lines += [
         "",
         f"Cost of logging + metrics ({how}): **{100 * d_rps:.1f} % fewer "
