@@ -187,13 +187,16 @@ class UpstreamPool:
     ) -> Upstream:
         """An idle pooled connection to `server` if one is alive, else a new one."""
         target = self._target(pool_name, settings_name)
+        name = None  # the TLS name, computed only if needed
         if target.request_named:
-            idle = self._idle_for(target, server, self._name(target, server, client_host))
+            name = self._name(target, server, client_host)
+            idle = self._idle_for(target, server, name)
         else:
             found = target.idle_by_server.get(server.label)
             if found is None:
+                name = self._name(target, server, client_host)
                 found = target.idle_by_server[server.label] = self._idle_for(
-                    target, server, self._name(target, server, client_host))
+                    target, server, name)
             idle = found
         if idle:
             now = time.monotonic()
@@ -205,7 +208,9 @@ class UpstreamPool:
                     up.reused = True
                     return up
                 up.close()
-        return self._connect(target, server, idle, self._name(target, server, client_host))
+        if name is None:
+            name = self._name(target, server, client_host)
+        return self._connect(target, server, idle, name)
 
     def acquire_fresh(
         self, pool_name: str, settings_name: str, server: Server, client_host: bytes
