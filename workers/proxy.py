@@ -38,6 +38,7 @@ from .accesslog import AccessLog
 from .balancer import Balancer
 from .http1 import (
     END,
+    Chunk,
     HttpError,
     RequestHead,
     RequestParser,
@@ -304,26 +305,32 @@ class Connection:
                        else deadline - time.monotonic())
             if self.rt.draining:
                 timeout = min(timeout, DRAIN_IDLE_GRACE)
-            idle = self.rt.idle if deadline is None else None
             try:
-                if idle is not None:
-                    idle.add(getcurrent())  # a draining worker wakes us: see DrainWake
-                if timeout <= 0 or not self._pump(timeout):
-                    if self.parser.in_message():
-                        self._reply_error(408, "request_header_timeout", close=True)
-                    return None
+                more = timeout > 0 and self._pump_idle(
+                    timeout, self.rt.idle if deadline is None else None)
             except DrainWake:
                 continue  # wait again, now with the short draining grace
             except StreamTimeout:
-                if self.parser.in_message():
-                    self._reply_error(408, "request_header_timeout", close=True)
-                return None
+                more = False
             except HttpError as exc:
                 self._reply_error(exc.status, exc.error_info, close=True)
                 return None
-            finally:
-                if idle is not None:
-                    idle.discard(getcurrent())
+            if not more:
+                if self.parser.in_message():
+                    self._reply_error(408, "request_header_timeout", close=True)
+                return None
+
+    def _pump_idle(self, timeout: float, idle: set[Any] | None) -> bool:
+        """`_pump`, registered in `idle` (between requests) so that a draining worker
+        can wake us: see DrainWake."""
+        if idle is None:
+            return self._pump(timeout)
+        me = getcurrent()
+        idle.add(me)
+        try:
+            return self._pump(timeout)
+        finally:
+            idle.discard(me)
 
     # -- one request/response exchange ----------------------------------------------
 
@@ -561,10 +568,10 @@ class Connection:
             up.close()
             self._backend_failed(record, "response_timeout")
             return self._refuse(head, record, 504, "response_timeout", body_pending=False)
-        except HttpError as exc:
+        except HttpError as invalid:
             up.close()
             self._backend_failed(record, "invalid_response")
-            return self._refuse(head, record, 502, exc.error_info, body_pending=False)
+            return self._refuse(head, record, 502, invalid.error_info, body_pending=False)
         first_byte = time.monotonic() - sent_at
         record.backend_first_byte_time = first_byte
         record.backend_status = resp.status
@@ -704,6 +711,7 @@ class Connection:
             framing, rechunk = b"Transfer-Encoding: chunked", True
         else:
             framing, keep = None, False  # HTTP/1.0 client: delimit by closing
+        out: list[Chunk]
         if record.rewrite is None:  # the backend's fields go on as the parser sorted them
             out = [forwarding.passed_response_head(
                 resp.status, resp.reason, resp.passed, resp.connection,
@@ -800,7 +808,7 @@ class Connection:
             pass
         record.finish(self.rt.access_log, self.rt.stats)
 
-    def _send_client(self, data: bytes) -> None:
+    def _send_client(self, data: Chunk) -> None:
         assert self.stream is not None
         self.stream.timeout = SEND_TIMEOUT
         self.stream.sendall(data)

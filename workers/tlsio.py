@@ -59,6 +59,9 @@ _RECV_BUF = _ffi.new("char[]", RECV_SIZE)
 _CLEAN_EOF = object()  # TLSStream._ended: the peer closed cleanly after the data returned
 
 RelayBuffer = Any  # a cffi char[RECV_SIZE]: see take_relay_buffer
+# What sendall takes: bytes, a memoryview, or a cffi buffer of a RelayBuffer (Any: compiled
+# code checks a concrete annotation at run time, and a cffi buffer is neither).
+BytesLike = Any
 _relay_buffers: list[RelayBuffer] = []
 _RELAY_BUFFERS_KEPT = 64
 
@@ -102,13 +105,24 @@ class Stream(Protocol):
 
     def recv_into(self, buf: RelayBuffer) -> Any: ...
 
-    def sendall(self, data: bytes | memoryview) -> None: ...
+    def sendall(self, data: BytesLike) -> None: ...
 
     def close(self) -> None: ...
 
     def close_lingering(self) -> None: ...
 
     def fileno(self) -> int: ...
+
+
+class Waiter(Protocol):
+    """What a stream waits with.  A protocol, not `_Waiter` itself: compiled code checks
+    a class annotation at run time, and tests wrap the waiter to count the waits."""
+
+    def wait(self, events: int, timeout: float | None) -> None: ...
+
+    def deadline(self, timeout: float) -> Any: ...
+
+    def close(self) -> None: ...
 
 
 class _Waiter:
@@ -178,7 +192,7 @@ class PlainStream:
         self.sock = sock
         self.timeout = timeout
         self._fd = sock.fileno()
-        self._waiter = _Waiter(self._fd)
+        self._waiter: Waiter = _Waiter(self._fd)
 
     def fileno(self) -> int:
         return self._fd
@@ -197,13 +211,16 @@ class PlainStream:
         view = memoryview(_buffer(buf, RECV_SIZE))
         while True:
             try:
-                return view[:self.sock.recv_into(view)]
+                # the count first: compiled (mypyc) code evaluates a call inside a slice
+                # bound twice, and a second recv_into would lose the first one's bytes
+                n = self.sock.recv_into(view)
+                return view[:n]
             except BlockingIOError:
                 self._waiter.wait(_READ, self.timeout)
             except (ConnectionResetError, BrokenPipeError) as exc:
                 raise StreamClosed(str(exc)) from exc
 
-    def sendall(self, data: bytes | memoryview) -> None:
+    def sendall(self, data: BytesLike) -> None:
         view = memoryview(data)
         while view:
             try:
@@ -237,7 +254,7 @@ class TLSStream:
         self._ended: StreamClosed | object | None = None  # see _read_more
         self.timeout = timeout
         self._fd = sock.fileno()
-        self._waiter = _Waiter(self._fd)
+        self._waiter: Waiter = _Waiter(self._fd)
 
     @classmethod
     def server(cls, sock: socket.socket, context: SSL.Context) -> TLSStream:
@@ -292,8 +309,8 @@ class TLSStream:
                 else:
                     try:
                         self.conn._raise_ssl_error(ssl, result)
-                    except SSL.SysCallError as exc:
-                        raise TLSHandshakeFailed(_syscall_reason(exc)) from exc
+                    except SSL.SysCallError as sys_exc:
+                        raise TLSHandshakeFailed(_syscall_reason(sys_exc)) from sys_exc
                     except SSL.Error as exc:
                         raise TLSHandshakeFailed(_ssl_reason(exc)) from exc
                     raise TLSHandshakeFailed("handshake_failure")
@@ -359,7 +376,7 @@ class TLSStream:
             break
         return n
 
-    def sendall(self, data: bytes | memoryview) -> None:
+    def sendall(self, data: BytesLike) -> None:
         ssl = self._ssl
         left = len(data)
         if not left:
@@ -390,10 +407,10 @@ class TLSStream:
             if reading:
                 return
             raise StreamClosed("closed by peer") from None
-        except SSL.SysCallError as exc:
-            if reading and exc.args and exc.args[0] == -1:  # unexpected EOF
+        except SSL.SysCallError as sys_exc:
+            if reading and sys_exc.args and sys_exc.args[0] == -1:  # unexpected EOF
                 return
-            raise StreamClosed(_syscall_reason(exc)) from exc
+            raise StreamClosed(_syscall_reason(sys_exc)) from sys_exc
         except SSL.Error as exc:
             raise StreamClosed(_ssl_reason(exc)) from exc
         raise StreamClosed("tls_error")  # SSL_ERROR_NONE with a failed call: not expected
@@ -421,7 +438,7 @@ LINGER_TIME = 2.0  # s, like nginx's lingering_timeout but shorter: a courtesy, 
 LINGER_BYTES = 1 << 20
 
 
-def _linger(sock: socket.socket, waiter: _Waiter) -> None:
+def _linger(sock: socket.socket, waiter: Waiter) -> None:
     """Half-close and discard what the client still sends (RFC 9112 §9.6).  Closing a
     socket with unread input makes the kernel send RST, which can destroy the error
     response we just wrote before the client reads it (nginx: lingering_close)."""

@@ -252,12 +252,13 @@ class UpstreamPool:
         except TLSHandshakeFailed as exc:
             stream.close()
             raise UpstreamTLSError("tls_handshake", exc.reason, server.label) from exc
-        except StreamTimeout as exc:
+        except StreamTimeout as timed_out:
             stream.close()
-            raise UpstreamTLSError("tls_handshake", "handshake timed out", server.label) from exc
-        except TrustFailure as exc:
+            raise UpstreamTLSError("tls_handshake", "handshake timed out",
+                                   server.label) from timed_out
+        except TrustFailure as trust:
             stream.close()  # after the handshake, before any request byte
-            raise UpstreamTLSError(exc.reason, exc.detail, server.label) from exc
+            raise UpstreamTLSError(trust.reason, trust.detail, server.label) from trust
         stream.timeout = settings.request_timeout
         up = Upstream(stream, server, idle, time.monotonic() - started)
         if leaf is not None:
@@ -275,8 +276,8 @@ class UpstreamPool:
                 return open_tcp(sockaddr, family, timeout)
             except StreamTimeout:
                 last = UpstreamConnectError("connect_timeout", "connect timed out", server.label)
-            except ConnectionRefusedError as exc:
-                last = UpstreamConnectError("connect_refused", str(exc), server.label)
+            except ConnectionRefusedError as refused:
+                last = UpstreamConnectError("connect_refused", str(refused), server.label)
             except OSError as exc:
                 last = UpstreamConnectError("connect_refused", str(exc), server.label)
         assert last is not None

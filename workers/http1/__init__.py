@@ -27,12 +27,13 @@ Layout: ``common`` (HttpError, END, what both share), ``request`` (RequestParser
 ``response`` (ResponseParser).
 """
 
-from .common import END, EndOfMessage, HttpError
+from .common import END, Chunk, EndOfMessage, HttpError
 from .request import RequestEvent, RequestHead, RequestParser
 from .response import ResponseEvent, ResponseHead, ResponseParser
 
 __all__ = [
     "END",
+    "Chunk",
     "EndOfMessage",
     "HttpError",
     "RequestEvent",

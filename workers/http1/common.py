@@ -3,12 +3,19 @@ END event, llhttp's exceptions, the parser states and small helpers (see __init_
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import httptools  # type: ignore[import-untyped, unused-ignore]
 
 _HttpParserError = httptools.HttpParserError
 _HttpParserUpgrade = httptools.HttpParserUpgrade
 
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+#: A body chunk as the parsers hand it back: bytes, or, for a counted response body (see
+#: ResponseParser.counting), the very view of a relay buffer the caller fed.  Any, because
+#: compiled code (gatewayd/native.py) checks a concrete annotation at run time, and a cffi
+#: buffer is neither bytes nor memoryview.
+Chunk = Any
 _OWS = b" \t"
 
 
@@ -33,7 +40,7 @@ class EndOfMessage:
     """Marks the end of one message; use the singleton :data:`END`."""
 
     __slots__ = ()
-    _instance: EndOfMessage | None = None
+    _instance: ClassVar[EndOfMessage | None] = None
 
     def __new__(cls) -> EndOfMessage:
         if cls._instance is None:
@@ -67,14 +74,13 @@ def _has_token(value: bytes, token: bytes) -> bool:
 class LlhttpOwner:
     """Base of both parsers, which keep their httptools parser in `_p`."""
 
-    __slots__ = ()
+    __slots__ = ("_p",)
+    _p: Any  # httptools' parser; None once closed
 
     def close(self) -> None:
         """Drop llhttp, once this parser's connection is done.  httptools keeps the bound
         callback methods of the parser, and the parser keeps httptools': a reference cycle
         that only the cyclic collector would free (a dozen objects per parser), and only
-        late for a long-lived connection.  No feed after this; closing twice is fine."""
-        try:
-            delattr(self, "_p")
-        except AttributeError:
-            pass  # closed already
+        late for a long-lived connection.  No feed after this; closing twice is fine.
+        (An assignment, not `del`: a compiled class's attributes cannot be deleted.)"""
+        self._p = None

@@ -105,7 +105,6 @@ class RequestParser(LlhttpOwner):
         "_max_headers",
         "_max_line",
         "_method",
-        "_p",
         "_raw",
         "_state",
         "_trl",
@@ -182,8 +181,8 @@ class RequestParser(LlhttpOwner):
                                   else None)
         try:
             self._p.feed_data(data)
-        except _HttpParserUpgrade as exc:
-            self._on_upgrade(data[exc.args[0]:])
+        except _HttpParserUpgrade as upgrade:
+            self._on_upgrade(data[upgrade.args[0]:])
         except _HttpParserError as exc:
             if self._err is None:
                 if self._closed:  # our _STOP after a non-persistent request: not an error

@@ -18,6 +18,7 @@ from .common import (
     _STOP,
     _VERSIONS,
     END,
+    Chunk,
     EndOfMessage,
     HttpError,
     LlhttpOwner,
@@ -87,7 +88,7 @@ class ResponseHead:
         return out
 
 
-ResponseEvent = ResponseHead | bytes | EndOfMessage
+ResponseEvent = ResponseHead | Chunk | EndOfMessage
 
 
 class ResponseParser(LlhttpOwner):
@@ -122,7 +123,6 @@ class ResponseParser(LlhttpOwner):
         "_max_hdr",
         "_max_headers",
         "_method_head",
-        "_p",
         "_passed",
         "_raw",
         "_reason",
@@ -192,10 +192,12 @@ class ResponseParser(LlhttpOwner):
         object it was given (so a caller may feed views of a buffer it reuses)."""
         return self._left is not None
 
-    def feed(self, data: bytes) -> list[ResponseEvent]:
-        """Parse ``data``; returns the completed events, raises ``HttpError(502, ...)``."""
-        if self._err is not None:
-            raise self._err
+    def feed(self, data: Chunk) -> list[ResponseEvent]:
+        """Parse ``data`` (bytes; while `counting`, any bytes-like object); returns the
+        completed events, raises ``HttpError(502, ...)``."""
+        err = self._err  # a local: a callback may set _err, which mypy cannot see
+        if err is not None:
+            raise err
         if self._done:
             if data:
                 self.extra = True
@@ -222,8 +224,9 @@ class ResponseParser(LlhttpOwner):
 
     def feed_eof(self) -> list[ResponseEvent]:
         """The backend closed: END for a close-delimited body, else 502 if incomplete."""
-        if self._err is not None:
-            raise self._err
+        err = self._err
+        if err is not None:
+            raise err
         if self._done:
             return []
         head = self._head
@@ -296,7 +299,7 @@ class ResponseParser(LlhttpOwner):
                 return
             data = rest  # after an interim response: the next head follows
 
-    def _count_body(self, data: bytes) -> None:
+    def _count_body(self, data: Chunk) -> None:
         """A Content-Length body is passed on as it came: each chunk is the very object
         fed (a caller's view, not a copy), and whatever follows the last byte is `extra`
         (the connection is not reused then).  A short body is fed to llhttp too (on_body
