@@ -13,25 +13,41 @@ TSTAMP := $(VENV)/.installed-test
 
 .PHONY: run test lint typecheck check system-deps bench clean fuzz
 
-$(STAMP): setup.py
+# The per-request modules are compiled with mypyc (gatewayd/native.py): the install is
+# redone whenever one of their sources changes, so a checkout never runs a stale build
+# (gatewayd also refuses to start on one).
+COMPILED_SOURCES := $(shell $(PYTHON) gatewayd/native.py)
+
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
+
+$(STAMP): setup.py pyproject.toml gatewayd/native.py $(COMPILED_SOURCES) | $(PY)
 	$(PIP) install --quiet -e .
+	@$(PY) -c 'from gatewayd.native import describe; print("gatewayd:", describe())'
 	touch $@
 
-$(TSTAMP): $(STAMP) setup.py
+# Installing the test extras builds the package too: that build is the install stamp's.
+$(TSTAMP): setup.py pyproject.toml | $(PY)
 	$(PIP) install --quiet -e '.[test]'
-	touch $@
+	@$(PY) -c 'from gatewayd.native import describe; print("gatewayd:", describe())'
+	touch $@ $(STAMP)
 
 ## make run: create .venv, install, start the built-in demo on https://localhost:8443
 run: $(STAMP)
 	$(VENV)/bin/gatewayd --demo
 
-## make test: install the test dependencies and run the whole suite (lint and types too)
-test: $(TSTAMP) system-deps
+## make test: install the test dependencies and run the whole suite (lint and types too),
+## on the compiled build; then the parser, forwarding and TLS tests again on the Python
+## sources (GATEWAYD_PURE_PYTHON=1), the build a machine without a compiler gets.
+PURE_TESTS := tests/test_http1.py tests/test_forwarding.py tests/test_fuzz.py \
+              tests/test_tlsio.py tests/test_smuggling.py tests/test_hostile_responses.py \
+              tests/test_live_proxy.py
+test: system-deps $(TSTAMP) $(STAMP)
 	$(VENV)/bin/ruff check gatewayd workers tests
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
+	GATEWAYD_PURE_PYTHON=1 $(PY) -m pytest -q -p no:cacheprovider $(PURE_TESTS)
 
 lint: $(TSTAMP)
 	$(VENV)/bin/ruff check gatewayd workers tests
@@ -41,11 +57,13 @@ typecheck: $(TSTAMP)
 
 ## Debian tools the live tests use: curl and openssl s_client as independent clients, wrk
 ## (reload soak), systemd-analyze (unit files), prometheus + promtool (metrics), testssl.sh
-## (TLS scan) and slowhttptest (slow-HTTP attacks).
-DEBIAN_TEST_PACKAGES := curl openssl wrk systemd prometheus testssl.sh slowhttptest
+## (TLS scan) and slowhttptest (slow-HTTP attacks); gcc and Python's headers so that the
+## suite tests the compiled build (tests/test_native.py checks it is).
+DEBIAN_TEST_PACKAGES := curl openssl wrk systemd prometheus testssl.sh slowhttptest gcc python3-dev
+HAVE_PYTHON_H := $(shell $(PYTHON) -c 'import os, sysconfig; print(int(os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))))')
 system-deps:
-	@missing=""; \
-	for tool in curl openssl wrk systemd-analyze promtool prometheus testssl slowhttptest; do command -v $$tool >/dev/null || missing=1; done; \
+	@missing="$(filter 0,$(HAVE_PYTHON_H))"; \
+	for tool in curl openssl wrk systemd-analyze promtool prometheus testssl slowhttptest gcc; do command -v $$tool >/dev/null || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages: $(DEBIAN_TEST_PACKAGES)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
@@ -77,3 +95,4 @@ bench: $(TSTAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	find gatewayd workers -name '*.so' -delete
