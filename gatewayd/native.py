@@ -33,9 +33,11 @@ from types import ModuleType
 #: mypy-clean, since mypyc enforces annotations at run time.
 COMPILED = (
     "gatewayd.forwarding",
+    "gatewayd.health",
     "gatewayd.workers.http1.common",
     "gatewayd.workers.http1.request",
     "gatewayd.workers.http1.response",
+    "gatewayd.workers.accesslog",
     "gatewayd.workers.balancer",
     "gatewayd.workers.proxy",
     "gatewayd.workers.record",

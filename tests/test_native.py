@@ -3,6 +3,7 @@ checkout, and GATEWAYD_PURE_PYTHON=1, which runs the Python sources instead."""
 
 from __future__ import annotations
 
+import ast
 import importlib.machinery
 import json
 import os
@@ -93,3 +94,53 @@ def test_the_suite_runs_the_compiled_build() -> None:
         f"{native.describe()}; run as Python: {python}.  Install gcc and python3-dev and "
         f"reinstall (make), or set {native.PURE_ENV}=1 to test the Python build")
     assert "compiled with mypyc" in native.describe()
+
+
+def _calls_in_slice_bounds(source: str) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Slice):
+            for bound in (node.slice.lower, node.slice.upper, node.slice.step):
+                calls = [c for c in ast.walk(bound) if isinstance(c, ast.Call)] if bound else []
+                if any(ast.unparse(c.func) != "len" for c in calls):
+                    found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_call_inside_a_slice_bound_in_compiled_modules() -> None:
+    """mypyc evaluates a slice bound twice when it slices a memoryview (or an untyped
+    object): `view[os.write(fd, view):]` wrote every access-log line twice, and
+    `view[:sock.recv_into(view)]` lost a read.  So the compiled modules compute a bound
+    into a local first (len() aside: it has no effect to repeat)."""
+    offenders = {
+        module: found for module in native.COMPILED
+        if (found := _calls_in_slice_bounds(native.source_path(module, REPO).read_text()))
+    }
+    assert not offenders, offenders
+    assert _calls_in_slice_bounds("v = view[os.write(fd, view):]")  # the check can fail
+
+
+def _reused_except_names(source: str) -> list[str]:
+    found = []
+    for func in ast.walk(ast.parse(source)):
+        if isinstance(func, ast.FunctionDef):
+            types: dict[str, set[str]] = {}
+            for node in ast.walk(func):
+                if isinstance(node, ast.ExceptHandler) and node.name and node.type:
+                    types.setdefault(node.name, set()).add(ast.unparse(node.type))
+            found += [f"{func.name}: {name} {sorted(t)}" for name, t in types.items()
+                      if len(t) > 1]
+    return found
+
+
+def test_no_except_name_reused_for_another_type_in_compiled_modules() -> None:
+    """Compiled, one name is one typed variable per function: `except A as exc` then
+    `except B as exc` made every B fail a run-time type check (a TypeError instead of
+    the 502 that B means)."""
+    offenders = {
+        module: found for module in native.COMPILED
+        if (found := _reused_except_names(native.source_path(module, REPO).read_text()))
+    }
+    assert not offenders, offenders
+    assert _reused_except_names(
+        "def f():\n try: pass\n except A as e: pass\n except B as e: pass\n")

@@ -859,5 +859,6 @@ def _host_name(host: str) -> str:
     """A Host value without its port, lower-cased: what `{host}` expands to (nginx's
     `$host`)."""
     if host.startswith("["):
-        return host[: host.find("]") + 1].lower()
+        end = host.find("]") + 1
+        return host[:end].lower()
     return (host.rpartition(":")[0] if host.count(":") == 1 else host).lower()

@@ -33,7 +33,7 @@ _GOOD_HOSTS: set[bytes] = set()
 _GOOD_HOSTS_LIMIT = 1024
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)  # __init__ below: a generated one runs as bytecode
 class RequestHead:
     """A request line plus header section, validated and framed.
 
@@ -52,6 +52,21 @@ class RequestHead:
     content_length: int | None
     expect_continue: bool
     upgrade: bool
+
+    def __init__(self, method: bytes, target: bytes, version: bytes,
+                 headers: list[tuple[bytes, bytes]], host: bytes, keep_alive: bool,
+                 chunked: bool, content_length: int | None, expect_continue: bool,
+                 upgrade: bool) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.host = host
+        self.keep_alive = keep_alive
+        self.chunked = chunked
+        self.content_length = content_length
+        self.expect_continue = expect_continue
+        self.upgrade = upgrade
 
 
 RequestEvent = RequestHead | bytes | EndOfMessage

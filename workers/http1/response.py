@@ -45,7 +45,7 @@ _UNFED_BODY = 65536
 _NOT_PASSED_LENS = frozenset(len(name) for name in NOT_PASSED)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)  # __init__ below: a generated one runs as bytecode
 class ResponseHead:
     """A status line plus header section from a backend.
 
@@ -73,6 +73,21 @@ class ResponseHead:
     chunked: bool
     content_length: int | None
     until_eof: bool
+
+    def __init__(self, status: int, reason: bytes, version: bytes, passed: list[bytes],
+                 hop_fields: list[tuple[int, bytes, bytes]], connection: list[bytes],
+                 keep_alive: bool, chunked: bool, content_length: int | None,
+                 until_eof: bool) -> None:
+        self.status = status
+        self.reason = reason
+        self.version = version
+        self.passed = passed
+        self.hop_fields = hop_fields
+        self.connection = connection
+        self.keep_alive = keep_alive
+        self.chunked = chunked
+        self.content_length = content_length
+        self.until_eof = until_eof
 
     @property
     def headers(self) -> list[tuple[bytes, bytes]]:
