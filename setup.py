@@ -6,6 +6,7 @@ build has mypy (pyproject.toml's build requirements), a C compiler and Python's 
 about a third fewer instructions per keep-alive request (bench/README.md).  Without them,
 or with GATEWAYD_PURE_PYTHON=1, the package installs as plain Python and says so."""
 
+import importlib.machinery
 import os
 import runpy
 import shutil
@@ -37,7 +38,18 @@ def _stage() -> list[str]:
     return [str(STAGE.joinpath(*m.split(".")).with_suffix(".py")) for m in NATIVE["COMPILED"]]
 
 
+def _remove_old_builds() -> None:
+    """An in-place (editable) build leaves compiled modules beside the sources: remove
+    them all first, so a module taken off the list, or a build that now fails, leaves
+    no compiled file behind to shadow its source."""
+    for folder in PACKAGE_DIR.values():
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            for path in (ROOT / folder).glob(f"*{suffix}"):
+                path.unlink()
+
+
 def _extensions() -> list:
+    _remove_old_builds()
     if os.environ.get(NATIVE["PURE_ENV"]):
         _say(f"{NATIVE['PURE_ENV']} is set: installing the per-request modules as Python")
         return []

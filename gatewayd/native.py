@@ -37,7 +37,6 @@ COMPILED = (
     "gatewayd.workers.http1.common",
     "gatewayd.workers.http1.request",
     "gatewayd.workers.http1.response",
-    "gatewayd.workers.accesslog",
     "gatewayd.workers.balancer",
     "gatewayd.workers.proxy",
     "gatewayd.workers.record",
