@@ -55,6 +55,12 @@ def test_exact_counts_across_workers_and_no_counter_goes_backwards(
             ok = ok and value(samples, "gatewayd_backend_failures_total",
                               backend_pool="evil") == 8
             ok = ok and value(samples, "gatewayd_requests_total", code="404") == 3
+            # a worker writes its counters, then its histograms, once a second: a scrape
+            # may fall between the two, so wait for the histograms too
+            ok = ok and value(samples, "gatewayd_request_duration_seconds_count",
+                              listener="front") == 110
+            ok = ok and value(samples, "gatewayd_backend_first_byte_seconds_count",
+                              backend_pool="good") == 100
             return samples if ok else None
 
         samples = wait_for(settled, 10, "exact request counts in /metrics")
