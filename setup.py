@@ -74,14 +74,8 @@ class OptionalBuildExt(build_ext):
 
     def run(self) -> None:
         try:
-            super().run()
+            super().run()  # the first failing extension stops the whole build
         except Exception as exc:  # CompileError, LinkError, missing compiler...
-            self._give_up(exc)
-
-    def build_extension(self, ext) -> None:  # type: ignore[no-untyped-def]
-        try:
-            super().build_extension(ext)
-        except Exception as exc:
             self._give_up(exc)
 
     def _give_up(self, exc: Exception) -> None:
