@@ -99,7 +99,9 @@ class Arbiter:
 
     def _start(self) -> None:
         # compiled or not: a Python build costs about a third more CPU per request
-        (log.info if native.is_compiled() else log.warning)("%s", native.describe())
+        compiled = native.installed_compiled()
+        (log.info if len(compiled) == len(native.COMPILED) else log.warning)(
+            "%s", native.describe(compiled))
         os.makedirs(self.config.server.runtime_dir, exist_ok=True)
         self._write_pidfile()
         metrics.prepare_dir(self.config.server.runtime_dir, wipe=True)

@@ -113,13 +113,6 @@ def prefer_source() -> None:
         sys.meta_path.insert(0, _SourceFinder)
 
 
-def running_compiled() -> list[str]:
-    """The compiled modules imported so far that run as native code."""
-    return [name for name in COMPILED
-            if (module := sys.modules.get(name)) is not None
-            and not (getattr(module, "__file__", "") or "").endswith(".py")]
-
-
 def installed_compiled() -> list[str]:
     """The compiled modules that an import would load as native code (without importing
     them)."""
@@ -131,14 +124,11 @@ def installed_compiled() -> list[str]:
     return out
 
 
-def is_compiled() -> bool:
-    """Every per-request module would load as native code."""
-    return len(installed_compiled()) == len(COMPILED)
-
-
-def describe() -> str:
-    """One line for the install and the logs: compiled or not, and why it matters."""
-    compiled = installed_compiled()
+def describe(compiled: list[str] | None = None) -> str:
+    """One line for the install and the logs: compiled or not, and why it matters
+    (`compiled`: installed_compiled(), if the caller has it already)."""
+    if compiled is None:
+        compiled = installed_compiled()
     if len(compiled) == len(COMPILED):
         return f"per-request modules compiled with mypyc ({len(compiled)} modules)"
     if os.environ.get(PURE_ENV):
