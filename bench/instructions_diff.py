@@ -19,7 +19,7 @@ _ROW = re.compile(r"^\s*([\d,]+)\s+\([^)]*\)\s+(.*)$")
 
 
 def _functions(path: Path) -> Counter[str]:
-    out = subprocess.run(["callgrind_annotate", "--threshold=100", "--inclusive=no",
+    out = subprocess.run(["callgrind_annotate", "--threshold=100", "--inclusive=no", "--auto=no",
                           str(path)], capture_output=True, text=True, check=True).stdout
     counts: Counter[str] = Counter()
     for line in out.splitlines():
