@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
 __all__ = [
     "HOP_BY_HOP",
@@ -36,7 +37,7 @@ __all__ = [
     "upstream_request_head",
 ]
 
-HOP_BY_HOP: frozenset[bytes] = frozenset(
+HOP_BY_HOP: Final[frozenset[bytes]] = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -51,7 +52,7 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
 )
 
 # The one table of reason phrases for statuses the gateway makes (RFC 9110 §15).
-STATUS_REASONS: dict[int, bytes] = {
+STATUS_REASONS: Final[dict[int, bytes]] = {
     100: b"Continue",
     101: b"Switching Protocols",
     200: b"OK",
@@ -79,9 +80,9 @@ STATUS_REASONS: dict[int, bytes] = {
 }
 
 
-_ID_BYTES = 16
-_ID_BATCH = 256  # ids per getrandom() call
-_id_pool: list[bytes] = []
+_ID_BYTES: Final = 16
+_ID_BATCH: Final = 256  # ids per getrandom() call
+_id_pool: Final[list[bytes]] = []
 
 
 def new_request_id() -> str:
@@ -122,12 +123,12 @@ class ForwardContext:
 
 
 # How a header name is treated, per direction.
-_KEEP = 0
-_DROP = 1
-_CONNECTION = 2  # dropped, and its value names more fields to drop
-_XFF = 3  # dropped where it stands, re-emitted (joined + appended) at the end
+_KEEP: Final = 0
+_DROP: Final = 1
+_CONNECTION: Final = 2  # dropped, and its value names more fields to drop
+_XFF: Final = 3  # dropped where it stands, re-emitted (joined + appended) at the end
 
-_REQUEST_DROP = HOP_BY_HOP | {
+_REQUEST_DROP: Final = HOP_BY_HOP | {
     b"host",
     b"content-length",
     b"expect",
@@ -137,14 +138,14 @@ _REQUEST_DROP = HOP_BY_HOP | {
     b"x-original-host",
     b"x-request-id",
 }
-_RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
-_CLIENT_CERT_PREFIX = b"x-client-cert-"
+_RESPONSE_DROP: Final = HOP_BY_HOP | {b"content-length"}
+_CLIENT_CERT_PREFIX: Final = b"x-client-cert-"
 
 # Connection tokens that name no field to remove: the standard hop-by-hop fields go
 # anyway, and "close" is a connection option, reserved as a field name (RFC 9110 §18.4).
-_NOT_LISTED_FIELDS = HOP_BY_HOP | {b"close"}
+_NOT_LISTED_FIELDS: Final = HOP_BY_HOP | {b"close"}
 
-_CACHE_LIMIT = 2048  # names seen; bounded so a client cannot grow it without limit
+_CACHE_LIMIT: Final = 2048  # names seen; bounded so a client cannot grow it without limit
 
 
 def _request_kind(lower: bytes) -> int:
@@ -164,11 +165,11 @@ def _response_kind(lower: bytes) -> int:
 
 
 # (status, reason) → the status line: backends repeat the same few.
-_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
+_STATUS_LINES: Final[dict[tuple[int, bytes], bytes]] = {}
 
 # name as received → (lower-case name, kind); seeded with the usual spellings.
-_REQUEST_NAMES: dict[bytes, tuple[bytes, int]] = {}
-_RESPONSE_NAMES: dict[bytes, tuple[bytes, int]] = {}
+_REQUEST_NAMES: Final[dict[bytes, tuple[bytes, int]]] = {}
+_RESPONSE_NAMES: Final[dict[bytes, tuple[bytes, int]]] = {}
 
 
 def _classify_request(name: bytes) -> tuple[bytes, int]:
@@ -179,7 +180,8 @@ def _classify_request(name: bytes) -> tuple[bytes, int]:
     return entry
 
 
-def _classify_response(name: bytes) -> tuple[bytes, int]:
+def classify_response(name: bytes) -> tuple[bytes, int]:
+    """(lower-case name, kind) of a response field name, remembered in RESPONSE_NAMES."""
     lower = name.lower()
     entry = (lower, _response_kind(lower))
     if len(_RESPONSE_NAMES) < _CACHE_LIMIT:
@@ -189,10 +191,9 @@ def _classify_response(name: bytes) -> tuple[bytes, int]:
 
 # For the response parser, which sorts fields as it reads them (see passed_response_head):
 # the same table, so "passed on" means exactly what client_response_head keeps.
-RESPONSE_NAMES = _RESPONSE_NAMES  # name as received → (lower-case name, kind)
-classify_response = _classify_response  # fills RESPONSE_NAMES for a name not in it
-PASSED = _KEEP  # the kind of a field passed on to the client
-NOT_PASSED: frozenset[bytes] = _RESPONSE_DROP  # lower-case names that never are
+RESPONSE_NAMES: Final = _RESPONSE_NAMES  # name as received → (lower-case name, kind)
+PASSED: Final = _KEEP  # the kind of a field passed on to the client
+NOT_PASSED: Final[frozenset[bytes]] = _RESPONSE_DROP  # lower-case names that never are
 
 
 def _seed() -> None:
@@ -208,7 +209,7 @@ def _seed() -> None:
     for name in common:
         for spelling in (name, name.lower()):
             _classify_request(spelling)
-            _classify_response(spelling)
+            classify_response(spelling)
 
 
 _seed()
@@ -216,7 +217,7 @@ _seed()
 
 # Connection values that list no field beyond the standard hop-by-hop set: what nearly
 # every peer sends, answered without splitting.
-_PLAIN_CONNECTION = frozenset((b"keep-alive", b"close", b"Keep-Alive", b"Close", b"upgrade",
+_PLAIN_CONNECTION: Final = frozenset((b"keep-alive", b"close", b"Keep-Alive", b"Close", b"upgrade",
                                b"Upgrade"))
 
 
@@ -238,7 +239,7 @@ def _connection_tokens(values: list[bytes]) -> set[bytes]:
     return tokens
 
 
-_PORT_TEXT: dict[int, bytes] = {}
+_PORT_TEXT: Final[dict[int, bytes]] = {}
 
 
 def client_address(client_ip: str, client_port: int, with_port: bool) -> bytes:
@@ -372,7 +373,7 @@ def client_response_head(
     for name, value in headers:
         entry = names.get(name)
         if entry is None:
-            entry = _classify_response(name)
+            entry = classify_response(name)
         kind = entry[1]
         if kind == _KEEP:
             parts += (name, b": ", value, b"\r\n")  # one extend, not four appends

@@ -22,21 +22,24 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
+from typing import Final
 
 from gatewayd.model import GatewayConfig
 
-MAGIC = b"GWHEALTH"
-_HEADER = struct.Struct("<8sII")  # magic, targets, pairs
-_COUNTER = struct.Struct("<Q")
-SLOT = 4
+MAGIC: Final = b"GWHEALTH"
+_HEADER: Final = struct.Struct("<8sII")  # magic, targets, pairs
+_COUNTER: Final = struct.Struct("<Q")
+SLOT: Final = 4
 
-UNKNOWN, HEALTHY, UNHEALTHY = 0, 1, 2  # UNKNOWN (not probed yet) is served like HEALTHY
-REASONS = (
+UNKNOWN: Final = 0  # not probed yet: served like HEALTHY
+HEALTHY: Final = 1
+UNHEALTHY: Final = 2
+REASONS: Final = (
     "", "connect_refused", "connect_timeout", "dns", "tls_handshake", "pin_mismatch",
     "name_mismatch", "untrusted_chain", "expired", "response_timeout", "reset",
     "invalid_response", "status_mismatch", "body_mismatch",
 )
-_REASON_CODES = {name: code for code, name in enumerate(REASONS)}
+_REASON_CODES: Final = {name: code for code, name in enumerate(REASONS)}
 
 
 @dataclass(frozen=True, slots=True)

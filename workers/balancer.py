@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 from gatewayd import affinity
 from gatewayd.affinity import Draining
@@ -24,7 +25,7 @@ from gatewayd.model import BackendPool, BackendSettings
 
 from .upstream import Server, parse_server
 
-PASSIVE_DOWN_SECONDS = 10.0  # a server this worker could not reach is skipped this long
+PASSIVE_DOWN_SECONDS: Final = 10.0  # a server this worker could not reach is skipped this long
 
 
 @dataclass(slots=True)

@@ -13,7 +13,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from gevent import getcurrent
 
@@ -60,25 +60,28 @@ from .tlsio import (
 from .upstream import Upstream, UpstreamConnectError, UpstreamError, UpstreamPool
 from .websocket import is_websocket_upgrade, splice
 
-log = logging.getLogger("gatewayd.proxy")
-BODY_READ_TIMEOUT = 60.0  # s between two reads of a request body (nginx client_body_timeout)
-SEND_TIMEOUT = 60.0  # s a client may take to accept more of a response (nginx send_timeout)
-IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
+# Module constants are Final: compiled, each is a C static, not a lookup in the module's
+# dict on every use (docs/architecture.md); the same for this function, called per wait.
+_getcurrent: Final = getcurrent
+log: Final = logging.getLogger("gatewayd.proxy")
+BODY_READ_TIMEOUT: Final = 60.0  # s between two reads of a request body (nginx client_body_timeout)
+SEND_TIMEOUT: Final = 60.0  # s a client may take to accept more of a response (nginx send_timeout)
+IDEMPOTENT: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 # A draining worker keeps idle keep-alive connections this long: a request already on its
 # way is answered (with Connection: close) instead of meeting a closed socket.
-DRAIN_IDLE_GRACE = 1.0
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-KEEP_ALIVE_10 = ((b"Connection", b"keep-alive"),)
-TLS_HANDSHAKE_RECORD = 0x16  # the first byte of every ClientHello (RFC 8446 §5.1)
-PLAIN_HTTP_ON_TLS_PORT = (
+DRAIN_IDLE_GRACE: Final = 1.0
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+KEEP_ALIVE_10: Final = ((b"Connection", b"keep-alive"),)
+TLS_HANDSHAKE_RECORD: Final = 0x16  # the first byte of every ClientHello (RFC 8446 §5.1)
+PLAIN_HTTP_ON_TLS_PORT: Final = (
     b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 46\r\n"
     b"Connection: close\r\n\r\nThe plain HTTP request was sent to HTTPS port.\n"
 )
-LAST_CHUNK = b"0\r\n\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
 
 
-ROUTE_CACHE_SIZE = 2048  # (Host, SNI, target) → route entries kept per bind
-ROUTE_CACHE_KEY_BYTES = 512  # longer targets are routed every time, not remembered
+ROUTE_CACHE_SIZE: Final = 2048  # (Host, SNI, target) → route entries kept per bind
+ROUTE_CACHE_KEY_BYTES: Final = 512  # longer targets are routed every time, not remembered
 
 
 @dataclass(slots=True)
@@ -325,7 +328,7 @@ class Connection:
         can wake us: see DrainWake."""
         if idle is None:
             return self._pump(timeout)
-        me = getcurrent()
+        me = _getcurrent()
         idle.add(me)
         try:
             return self._pump(timeout)
@@ -843,7 +846,7 @@ def _upstream_send(up: Upstream, data: bytes) -> None:
         raise _UpstreamGone("reset") from exc
 
 
-_IDNA: dict[str, bytes] = {}  # configured host names, encoded: the codec is pure Python
+_IDNA: Final[dict[str, bytes]] = {}  # configured host names, encoded: the codec is pure Python
 
 
 def _idna(name: str) -> bytes:

@@ -5,7 +5,7 @@ never disagree)."""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from gatewayd import forwarding
 from gatewayd.rewrites import CompiledRewriteSet, RequestVariables
@@ -29,7 +29,7 @@ def handshake_error_reason(openssl_reason: str) -> str:
     return "other"
 
 
-_HANDSHAKE_REASONS = (
+_HANDSHAKE_REASONS: Final = (
     ("http request", "http_request"),
     ("unsupported protocol", "unsupported_protocol"),
     ("wrong version", "wrong_version_number"),
@@ -140,7 +140,7 @@ class RequestRecord:
         ), self.started)
 
 
-_second: list[Any] = [-1, ""]  # the last whole second formatted, and its text
+_second: Final[list[Any]] = [-1, ""]  # the last whole second formatted, and its text
 
 
 def _timestamp(started: float) -> str:

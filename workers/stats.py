@@ -11,16 +11,16 @@ from __future__ import annotations
 import os
 from bisect import bisect_left
 from collections import defaultdict
-from typing import Any
+from typing import Any, Final
 
 from gatewayd import metrics as m
 
-_NBUCKETS = len(m.LATENCY_BUCKETS) + 1
-_BOUNDS = m.LATENCY_BUCKETS
+_NBUCKETS: Final = len(m.LATENCY_BUCKETS) + 1
+_BOUNDS: Final = m.LATENCY_BUCKETS
 # _bucket(_BOUNDS, seconds): the first bucket whose upper bound holds `seconds` (last: +Inf)
-_bucket = bisect_left
-_STATUS_TEXT = tuple(str(code) for code in range(1000))  # label values, made once
-_CODE_CLASS = tuple(f"{digit}xx" for digit in range(10))
+_bucket: Final = bisect_left
+_STATUS_TEXT: Final = tuple(str(code) for code in range(1000))  # label values, made once
+_CODE_CLASS: Final = tuple(f"{digit}xx" for digit in range(10))
 
 
 class _Histogram:

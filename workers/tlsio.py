@@ -27,7 +27,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from gevent import getcurrent
 from gevent.hub import get_hub
@@ -35,35 +35,38 @@ from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
-_READ = 1
-_WRITE = 2
-_MIN_TIMEOUT = 1e-6  # s: a wait with no time left still arms a (repeating) timer
-RECV_SIZE = 65536
-MAX_RECORD_PLAINTEXT = 16384  # TLS 1.2/1.3 record payload limit (RFC 8446 §5.1)
+# Module constants are Final: compiled, each is a C static, not a lookup in the module's
+# dict on every use (docs/architecture.md); the same for this function, called per wait.
+_getcurrent: Final = getcurrent
+_READ: Final = 1
+_WRITE: Final = 2
+_MIN_TIMEOUT: Final = 1e-6  # s: a wait with no time left still arms a (repeating) timer
+RECV_SIZE: Final = 65536
+MAX_RECORD_PLAINTEXT: Final = 16384  # TLS 1.2/1.3 record payload limit (RFC 8446 §5.1)
 
-_SSL_read = _lib.SSL_read
-_SSL_write = _lib.SSL_write
-_SSL_get_error = _lib.SSL_get_error
-_SSL_do_handshake = _lib.SSL_do_handshake
-_PEEK = int(socket.MSG_PEEK)  # a plain int: socket.MSG_* are enum members
-_WANT_READ = _lib.SSL_ERROR_WANT_READ
-_WANT_WRITE = _lib.SSL_ERROR_WANT_WRITE
-_from_buffer = _ffi.from_buffer
-_buffer = _ffi.buffer
-_unpack = _ffi.unpack
+_SSL_read: Final = _lib.SSL_read
+_SSL_write: Final = _lib.SSL_write
+_SSL_get_error: Final = _lib.SSL_get_error
+_SSL_do_handshake: Final = _lib.SSL_do_handshake
+_PEEK: Final = int(socket.MSG_PEEK)  # a plain int: socket.MSG_* are enum members
+_WANT_READ: Final = _lib.SSL_ERROR_WANT_READ
+_WANT_WRITE: Final = _lib.SSL_ERROR_WANT_WRITE
+_from_buffer: Final = _ffi.from_buffer
+_buffer: Final = _ffi.buffer
+_unpack: Final = _ffi.unpack
 # One receive buffer per worker process: a greenlet copies its bytes out before it can
 # yield, so no two reads ever share it.
-_RECV_BUF = _ffi.new("char[]", RECV_SIZE)
+_RECV_BUF: Final = _ffi.new("char[]", RECV_SIZE)
 
 
-_CLEAN_EOF = object()  # TLSStream._ended: the peer closed cleanly after the data returned
+_CLEAN_EOF: Final = object()  # TLSStream._ended: the peer closed cleanly after the data returned
 
 RelayBuffer = Any  # a cffi char[RECV_SIZE]: see take_relay_buffer
 # What sendall takes: bytes, a memoryview, or a cffi buffer of a RelayBuffer (Any: compiled
 # code checks a concrete annotation at run time, and a cffi buffer is neither).
 BytesLike = Any
-_relay_buffers: list[RelayBuffer] = []
-_RELAY_BUFFERS_KEPT = 64
+_relay_buffers: Final[list[RelayBuffer]] = []
+_RELAY_BUFFERS_KEPT: Final = 64
 
 
 def take_relay_buffer() -> RelayBuffer:
@@ -158,7 +161,7 @@ class _Waiter:
             after = max(timeout, _MIN_TIMEOUT)  # repeat 0 would make `again` a no-op
             timer = self._timer = self._loop.timer(after, after)
             self._timer_after = timeout
-        timer.again(getcurrent().throw, StreamTimeout)
+        timer.again(_getcurrent().throw, StreamTimeout)
         try:
             self._hub.wait(watcher)
         except BaseException:
@@ -171,7 +174,7 @@ class _Waiter:
         """A started libev timer that throws StreamTimeout into the calling greenlet
         after `timeout` seconds, wherever it waits; the caller closes it."""
         timer = self._loop.timer(max(timeout, 0.0))
-        timer.start(getcurrent().throw, StreamTimeout)
+        timer.start(_getcurrent().throw, StreamTimeout)
         return timer
 
     def close(self) -> None:
@@ -434,8 +437,8 @@ class TLSStream:
         self.sock.close()
 
 
-LINGER_TIME = 2.0  # s, like nginx's lingering_timeout but shorter: a courtesy, not a duty
-LINGER_BYTES = 1 << 20
+LINGER_TIME: Final = 2.0  # s, like nginx's lingering_timeout but shorter: a courtesy, not a duty
+LINGER_BYTES: Final = 1 << 20
 
 
 def _linger(sock: socket.socket, waiter: Waiter) -> None:
@@ -508,7 +511,7 @@ def open_tcp(sockaddr: tuple, family: int, timeout: float) -> socket.socket:
         raise
 
 
-_PEEK_NOWAIT = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # a plain int: no enum code per call
+_PEEK_NOWAIT: Final = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # a plain int: no enum code
 
 
 def peer_closed(sock: socket.socket) -> bool:

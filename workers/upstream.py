@@ -12,6 +12,7 @@ import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Final
 
 from OpenSSL import SSL
 
@@ -41,12 +42,12 @@ from .tlsio import (
 # Idle pooled connections older than this are closed rather than reused: most servers
 # drop idle keep-alive connections after 60-75 s (nginx: 75 s, Apache: 5 s is the rare
 # outlier, and the retry in the proxy covers that race).
-IDLE_TTL = 50.0
+IDLE_TTL: Final = 50.0
 # A connection back in the pool for less than this is reused without first peeking at
 # its socket (one system call per request under load): a backend whose own idle timeout
 # is this short is not a keep-alive backend, and the retry covers the race anyway.
-PEEK_AFTER = 0.25
-MAX_IDLE_PER_KEY = 64
+PEEK_AFTER: Final = 0.25
+MAX_IDLE_PER_KEY: Final = 64
 
 
 class UpstreamError(Exception):

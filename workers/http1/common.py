@@ -3,20 +3,20 @@ END event, llhttp's exceptions, the parser states and small helpers (see __init_
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 import httptools  # type: ignore[import-untyped, unused-ignore]
 
-_HttpParserError = httptools.HttpParserError
-_HttpParserUpgrade = httptools.HttpParserUpgrade
+_HttpParserError: Final = httptools.HttpParserError
+_HttpParserUpgrade: Final = httptools.HttpParserUpgrade
 
-_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+_VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
 #: A body chunk as the parsers hand it back: bytes, or, for a counted response body (see
 #: ResponseParser.counting), the very view of a relay buffer the caller fed.  Any, because
 #: compiled code (gatewayd/native.py) checks a concrete annotation at run time, and a cffi
 #: buffer is neither bytes nor memoryview.
 Chunk = Any
-_OWS = b" \t"
+_OWS: Final = b" \t"
 
 
 class HttpError(Exception):
@@ -51,19 +51,19 @@ class EndOfMessage:
         return "END"
 
 
-END = EndOfMessage()
+END: Final = EndOfMessage()
 
 
 class _Stop(Exception):
     """Raised from a callback to make llhttp stop where we decided the stream ends."""
 
 
-_STOP = _Stop()
+_STOP: Final = _Stop()
 
 # parser states
-_IDLE = 0  # between messages (llhttp may be skipping CRLFs)
-_HEAD = 1  # request/status line or header section in progress
-_BODY = 2  # after the head, before END
+_IDLE: Final = 0  # between messages (llhttp may be skipping CRLFs)
+_HEAD: Final = 1  # request/status line or header section in progress
+_BODY: Final = 2  # after the head, before END
 
 
 def _has_token(value: bytes, token: bytes) -> bool:

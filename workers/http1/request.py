@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Final, NoReturn
 
 import httptools  # type: ignore[import-untyped, unused-ignore]
 
@@ -25,12 +25,12 @@ from .common import (
 )
 
 # RFC 9110 section 7.2 / RFC 3986 section 3.2.2: uri-host [ ":" port ]
-_HOST_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
+_HOST_RE: Final = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
 # lengths of the request fields inspected here: host, expect, content-length, transfer-encoding
-_SPECIAL_LENS = frozenset((4, 6, 14, 17))
+_SPECIAL_LENS: Final = frozenset((4, 6, 14, 17))
 # Host values already found well-formed (the same few arrive on every request).
-_GOOD_HOSTS: set[bytes] = set()
-_GOOD_HOSTS_LIMIT = 1024
+_GOOD_HOSTS: Final[set[bytes]] = set()
+_GOOD_HOSTS_LIMIT: Final = 1024
 
 
 @dataclass(slots=True, init=False)  # __init__ below: a generated one runs as bytecode

@@ -4,7 +4,7 @@ needs (see __init__)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Final, NoReturn
 
 import httptools  # type: ignore[import-untyped, unused-ignore]
 
@@ -27,22 +27,22 @@ from .common import (
     _HttpParserUpgrade,
 )
 
-_NO_BODY_STATUS = frozenset((204, 304))
+_NO_BODY_STATUS: Final = frozenset((204, 304))
 
-_REASON_CHARS = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
+_REASON_CHARS: Final = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
 # Reason phrases already found valid: a backend sends the same few again and again, and a
 # set lookup costs a fraction of the character check.  Bounded like forwarding's caches.
-_GOOD_REASONS: set[bytes] = set()
-_GOOD_REASONS_LIMIT = 256
+_GOOD_REASONS: Final[set[bytes]] = set()
+_GOOD_REASONS_LIMIT: Final = 256
 #: A Content-Length body this long or longer is counted without llhttp: httptools copies
 #: every chunk it is fed into a new bytes object for on_body, a second copy of the whole
 #: body (after OpenSSL's) that is ~4 % of a 1 MiB response's CPU.  The parser is not
 #: reused after such a body (llhttp never saw its end); making a new one costs less than
 #: copying 64 KiB.
-_UNFED_BODY = 65536
+_UNFED_BODY: Final = 65536
 # Lengths of the response field names that are not passed on (hop-by-hop, Content-Length):
 # a name of another length is passed on without a lookup.
-_NOT_PASSED_LENS = frozenset(len(name) for name in NOT_PASSED)
+_NOT_PASSED_LENS: Final = frozenset(len(name) for name in NOT_PASSED)
 
 
 @dataclass(slots=True, init=False)  # __init__ below: a generated one runs as bytecode
