@@ -35,8 +35,8 @@ RESPONSE = (  # what the bench's nginx answers for /small (100-byte body)
 
 def _pieces() -> dict[str, Callable[[], object]]:
     """name → one call of the piece (set up outside the call)."""
-    from gatewayd.workers.accesslog import FIELDS, json_line
     from gatewayd.workers.http1 import RequestHead, RequestParser, ResponseHead, ResponseParser
+    from gatewayd.workers.logline import FIELDS, json_line
     from gatewayd.workers.record import RequestRecord
     from gatewayd.workers.stats import Stats
 

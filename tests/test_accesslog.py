@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from gatewayd.workers.accesslog import FIELDS
+from gatewayd.workers.logline import FIELDS
 
 from tests.support.gateway import Gateway, simple_spec
 from tests.support.procs import https_get, wait_for
@@ -62,11 +62,13 @@ def test_fast_json_lines_equal_json_dumps() -> None:
     """The access log's template encoder must write what json.dumps writes, for every
     field with values of its type: str (ASCII, Latin-1, BMP, quotes, control characters)
     and int byte for byte; the times (tiny to huge, None where a timing may be missing)
-    with six decimals, parsing back to the value rounded to the microsecond."""
+    with six decimals, parsing back to the value rounded to the microsecond.  The time
+    stamp and the request id are the gateway's own ASCII, written as they are (not
+    quoted): they get values of their real form."""
     import json
     import random
 
-    from gatewayd.workers.accesslog import json_line
+    from gatewayd.workers.logline import json_line
 
     rng = random.Random(7)
     ints = {"client_port", "status", "backend_status", "bytes_received", "bytes_sent"}
@@ -77,6 +79,10 @@ def test_fast_json_lines_equal_json_dumps() -> None:
                        for _ in range(rng.randint(0, 8)))
 
     def value(name: str) -> object:
+        if name == "time":
+            return f"2026-11-{rng.randint(1, 30):02d}T{rng.randint(0, 23):02d}:00:00.123Z"
+        if name == "request_id":
+            return rng.randbytes(16).hex()
         if name in ints:
             return rng.randint(0, 10 ** 12)
         if name in floats:
@@ -104,5 +110,17 @@ def test_fast_json_lines_equal_json_dumps() -> None:
                 assert parsed[name] == round(v, 6), (name, v, parsed[name])
             else:
                 assert parsed[name] == v
-    assert '"duration":0.000000,' in json_line(tuple(
-        0.0 if name in floats else 0 if name in ints else "" for name in FIELDS))
+
+    def duration_text(duration: float) -> str:
+        values = tuple(duration if name == "duration" else None if name in floats else
+                       0 if name in ints else "" for name in FIELDS)
+        found = re.search(r'"duration":([^,]*),', json_line(values))
+        assert found
+        return found.group(1)
+
+    assert duration_text(0.0) == "0.000000"
+    assert duration_text(0.0000004) == "0.000000"
+    assert duration_text(1.0000006) == "1.000001"
+    assert duration_text(12.5) == "12.500000"
+    assert duration_text(-0.25) == "-0.250000"  # the clock stepped back
+    assert duration_text(3e9) == "3000000000.000000"

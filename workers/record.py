@@ -128,7 +128,7 @@ class RequestRecord:
             cert = conn.client_cert
             cert_verify, cert_subject = cert.verify, cert.subject
             cert_issuer, cert_fingerprint = cert.issuer, cert.fingerprint
-        log.write((  # accesslog.FIELDS, in that order
+        log.write((  # logline.FIELDS, in that order
             _timestamp(self.started), self.request_id, conn.client_ip, conn.client_port,
             self.listener, self.rule, self.path_rule, self.backend_pool,
             self.backend_settings, self.backend, method, self.uri_text(), host, version,
@@ -148,4 +148,8 @@ def _timestamp(started: float) -> str:
     second = int(started)
     if second != _second[0]:
         _second[0], _second[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return f"{_second[1]}.{int(started % 1 * 1000):03d}Z"
+    return _second[1] + _MILLIS[int(started % 1 * 1000)]
+
+
+# ".000Z" to ".999Z": an f-string's format spec compiles to a method call (see logline)
+_MILLIS: Final = tuple(f".{ms:03d}Z" for ms in range(1000))

@@ -1,0 +1,109 @@
+"""The text of one access-log record: a JSON object per line, or Apache's "combined"
+format.  Formatting only; accesslog.py queues and writes the lines.
+
+A record is a tuple of the values of FIELDS, in that order, each of a fixed type: str,
+int, or a time in seconds (float, or None where a timing may be missing).  The JSON line
+has the keys in FIELDS order; strings and ints come out byte for byte as
+`json.dumps(..., separators=(",", ":"))` writes them, times with six decimals like nginx's
+`$request_time` with three (tests/test_accesslog.py checks both against json.dumps).
+
+This module is compiled (gatewayd/native.py), and written for it: the line is one
+`str.join` over a tuple of str pieces, which compiles to a single C call; an f-string
+with format specs compiles to one `format` method call per value and cost twice the
+bytecode's instructions.  Values that repeat from request to request (configured names,
+the TLS version and cipher, the method, the Host, empty fields) are quoted once and then
+looked up (`_quoted`); the request's URI and User-Agent are quoted every time.  The
+time and the request id are the gateway's own ASCII (digits, hex, "-", ":", ".", "T", "Z")
+and are not quoted at all.
+"""
+
+from __future__ import annotations
+
+import time
+from json.encoder import encode_basestring_ascii  # C-accelerated
+from typing import Any, Final
+
+FIELDS: Final = (
+    "time", "request_id", "client_ip", "client_port", "listener", "rule", "path_rule",
+    "backend_pool", "backend_settings", "backend", "method", "uri", "host", "http_version",
+    "status", "backend_status", "bytes_received", "bytes_sent", "duration",
+    "backend_connect_time", "backend_first_byte_time", "tls_protocol", "tls_cipher", "sni",
+    "user_agent", "error_info", "redirect_location", "client_cert_verify",
+    "client_cert_subject", "client_cert_issuer", "client_cert_fingerprint",
+)
+
+_quote: Final = encode_basestring_ascii
+# value → its JSON string.  Emptied when full rather than left full: a client sending
+# endless new Host values must not leave the configured names unremembered for good.
+_QUOTED: Final[dict[str, str]] = {}
+_QUOTED_LIMIT: Final = 4096
+
+
+def _quoted(value: str) -> str:
+    """`_quote(value)`, remembered: for values seen again and again."""
+    text = _QUOTED.get(value)
+    if text is None:
+        text = _quote(value)
+        if len(_QUOTED) >= _QUOTED_LIMIT:
+            _QUOTED.clear()
+        _QUOTED[value] = text
+    return text
+
+
+def _seconds(value: float | None) -> str:
+    # %-format, not a format spec: compiled, "{:.6f}" is a method call (see above).  (In
+    # integer microseconds it costs as much: two int-to-str and two concatenations.)
+    return "null" if value is None else "%.6f" % value  # noqa: UP031
+
+
+def json_line(values: tuple[Any, ...]) -> str:
+    """The JSON access-log line of one record, newline included."""
+    (stamp, request_id, client_ip, client_port, listener, rule, path_rule, backend_pool,
+     backend_settings, backend, method, uri, host, http_version, status, backend_status,
+     bytes_received, bytes_sent, duration, connect, first_byte, tls_protocol,
+     tls_cipher, sni, user_agent, error_info, redirect_location, cert_verify, cert_subject,
+     cert_issuer, cert_fingerprint) = values
+    q = _quote
+    return "".join((
+        '{"time":"', stamp, '","request_id":"', request_id,
+        '","client_ip":', _quoted(client_ip), ',"client_port":', str(client_port),
+        ',"listener":', _quoted(listener), ',"rule":', _quoted(rule),
+        ',"path_rule":', _quoted(path_rule), ',"backend_pool":', _quoted(backend_pool),
+        ',"backend_settings":', _quoted(backend_settings), ',"backend":', _quoted(backend),
+        ',"method":', _quoted(method), ',"uri":', q(uri), ',"host":', _quoted(host),
+        ',"http_version":', _quoted(http_version), ',"status":', str(status),
+        ',"backend_status":', str(backend_status),
+        ',"bytes_received":', str(bytes_received), ',"bytes_sent":', str(bytes_sent),
+        ',"duration":', _seconds(duration), ',"backend_connect_time":', _seconds(connect),
+        ',"backend_first_byte_time":', _seconds(first_byte),
+        ',"tls_protocol":', _quoted(tls_protocol), ',"tls_cipher":', _quoted(tls_cipher),
+        ',"sni":', _quoted(sni), ',"user_agent":', q(user_agent),
+        ',"error_info":', _quoted(error_info), ',"redirect_location":', q(redirect_location),
+        ',"client_cert_verify":', _quoted(cert_verify),
+        ',"client_cert_subject":', _quoted(cert_subject),
+        ',"client_cert_issuer":', _quoted(cert_issuer),
+        ',"client_cert_fingerprint":', _quoted(cert_fingerprint), "}\n",
+    ))
+
+
+# Field positions the combined format reads.
+_REQUEST_ID: Final = FIELDS.index("request_id")
+_CLIENT_IP: Final = FIELDS.index("client_ip")
+_METHOD: Final = FIELDS.index("method")
+_URI: Final = FIELDS.index("uri")
+_HTTP_VERSION: Final = FIELDS.index("http_version")
+_STATUS: Final = FIELDS.index("status")
+_BYTES_SENT: Final = FIELDS.index("bytes_sent")
+_USER_AGENT: Final = FIELDS.index("user_agent")
+_ERROR_INFO: Final = FIELDS.index("error_info")
+
+
+def combined_line(r: tuple[Any, ...], started: float) -> str:
+    """Apache's combined format, plus the request id and the error info (or "-")."""
+    stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(started))
+    return "".join((
+        str(r[_CLIENT_IP]), " - - [", stamp, '] "', str(r[_METHOD]), " ", str(r[_URI]),
+        " HTTP/", str(r[_HTTP_VERSION]), '" ', str(r[_STATUS]), " ", str(r[_BYTES_SENT]),
+        ' "-" "', str(r[_USER_AGENT] or "-"), '" ', str(r[_REQUEST_ID]), " ",
+        str(r[_ERROR_INFO] or "-"), "\n",
+    ))
