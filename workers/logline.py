@@ -10,11 +10,12 @@ has the keys in FIELDS order; strings and ints come out byte for byte as
 This module is compiled (gatewayd/native.py), and written for it: the line is one
 `str.join` over a tuple of str pieces, which compiles to a single C call; an f-string
 with format specs compiles to one `format` method call per value and cost twice the
-bytecode's instructions.  Values that repeat from request to request (configured names,
-the TLS version and cipher, the method, the Host, empty fields) are quoted once and then
-looked up (`_quoted`); the request's URI and User-Agent are quoted every time.  The
-time and the request id are the gateway's own ASCII (digits, hex, "-", ":", ".", "T", "Z")
-and are not quoted at all.
+bytecode's instructions.  What repeats from request to request is rendered once and
+looked up after: the fields of a connection's peer and route, of its TLS and of its
+client certificate, each as one piece (`_fields`), and the method, Host, HTTP version and
+error info (`_quoted`).  The request's URI and User-Agent are quoted every time.  The
+time and the request id are the gateway's own ASCII (digits, hex, "-", ":", ".", "T",
+"Z") and are not quoted at all.
 """
 
 from __future__ import annotations
@@ -50,9 +51,33 @@ def _quoted(value: str) -> str:
     return text
 
 
+def _fields(cache: dict[tuple[Any, ...], str], names: tuple[str, ...],
+            values: tuple[Any, ...]) -> str:
+    """'"name":value,...' for fields whose values come back together request after
+    request (a connection's peer and route, its TLS, its client certificate), made once
+    per distinct set of values and remembered."""
+    text = cache.get(values)
+    if text is None:
+        text = ",".join(f'"{name}":{value}' if isinstance(value, int)
+                        else f'"{name}":{_quote(value)}'
+                        for name, value in zip(names, values, strict=True))
+        if len(cache) >= _QUOTED_LIMIT:
+            cache.clear()
+        cache[values] = text
+    return text
+
+
+_PEER_NAMES: Final = FIELDS[2:10]  # client_ip ... backend
+_TLS_NAMES: Final = FIELDS[21:24]  # tls_protocol, tls_cipher, sni
+_CERT_NAMES: Final = FIELDS[27:31]  # client_cert_*
+_PEER: Final[dict[tuple[Any, ...], str]] = {}
+_TLS: Final[dict[tuple[Any, ...], str]] = {}
+_CERT: Final[dict[tuple[Any, ...], str]] = {}
+
 def _seconds(value: float | None) -> str:
     # %-format, not a format spec: compiled, "{:.6f}" is a method call (see above).  (In
-    # integer microseconds it costs as much: two int-to-str and two concatenations.)
+    # integer microseconds it costs as much: two int-to-str and two concatenations; and
+    # one %-format for all the numbers of a line costs more than these separate ones.)
     return "null" if value is None else "%.6f" % value  # noqa: UP031
 
 
@@ -65,24 +90,20 @@ def json_line(values: tuple[Any, ...]) -> str:
      cert_issuer, cert_fingerprint) = values
     q = _quote
     return "".join((
-        '{"time":"', stamp, '","request_id":"', request_id,
-        '","client_ip":', _quoted(client_ip), ',"client_port":', str(client_port),
-        ',"listener":', _quoted(listener), ',"rule":', _quoted(rule),
-        ',"path_rule":', _quoted(path_rule), ',"backend_pool":', _quoted(backend_pool),
-        ',"backend_settings":', _quoted(backend_settings), ',"backend":', _quoted(backend),
+        '{"time":"', stamp, '","request_id":"', request_id, '",',
+        _fields(_PEER, _PEER_NAMES, (client_ip, client_port, listener, rule, path_rule,
+                                     backend_pool, backend_settings, backend)),
         ',"method":', _quoted(method), ',"uri":', q(uri), ',"host":', _quoted(host),
         ',"http_version":', _quoted(http_version), ',"status":', str(status),
         ',"backend_status":', str(backend_status),
         ',"bytes_received":', str(bytes_received), ',"bytes_sent":', str(bytes_sent),
         ',"duration":', _seconds(duration), ',"backend_connect_time":', _seconds(connect),
-        ',"backend_first_byte_time":', _seconds(first_byte),
-        ',"tls_protocol":', _quoted(tls_protocol), ',"tls_cipher":', _quoted(tls_cipher),
-        ',"sni":', _quoted(sni), ',"user_agent":', q(user_agent),
-        ',"error_info":', _quoted(error_info), ',"redirect_location":', q(redirect_location),
-        ',"client_cert_verify":', _quoted(cert_verify),
-        ',"client_cert_subject":', _quoted(cert_subject),
-        ',"client_cert_issuer":', _quoted(cert_issuer),
-        ',"client_cert_fingerprint":', _quoted(cert_fingerprint), "}\n",
+        ',"backend_first_byte_time":', _seconds(first_byte), ",",
+        _fields(_TLS, _TLS_NAMES, (tls_protocol, tls_cipher, sni)),
+        ',"user_agent":', q(user_agent), ',"error_info":', _quoted(error_info),
+        ',"redirect_location":', q(redirect_location), ",",
+        _fields(_CERT, _CERT_NAMES, (cert_verify, cert_subject, cert_issuer,
+                                     cert_fingerprint)), "}\n",
     ))
 
 
