@@ -217,8 +217,8 @@ _seed()
 
 # Connection values that list no field beyond the standard hop-by-hop set: what nearly
 # every peer sends, answered without splitting.
-_PLAIN_CONNECTION: Final = frozenset((b"keep-alive", b"close", b"Keep-Alive", b"Close", b"upgrade",
-                               b"Upgrade"))
+_PLAIN_CONNECTION: Final = frozenset((b"keep-alive", b"close", b"Keep-Alive", b"Close",
+                                      b"upgrade", b"Upgrade"))
 
 
 def _listed_fields(values: list[bytes]) -> set[bytes]:
