@@ -112,3 +112,24 @@ def test_healthz_and_readyz_follow_the_master(tmp_path: Path, pki, backend_facto
         assert admin_get(gw, "/nope")[0] == 404
         state = json.loads((tmp_path / "run" / "state.json").read_text())
         assert state["state"] == "serving" and len(state["worker_pids"]) == 2
+
+
+def test_latency_bucket_is_the_one_bisect_left_finds() -> None:
+    """The worker's histogram bucket (a compiled loop over the bounds) is the first bound
+    that holds the value, +Inf past the last: what bisect_left finds, bounds included.
+    NaN (which no clock difference gives) lands in +Inf, as prometheus_client's own
+    Histogram.observe puts it, where bisect_left would say the first bucket."""
+    import math
+    from bisect import bisect_left
+
+    from gatewayd.workers.stats import _bucket
+
+    from gatewayd.metrics import LATENCY_BUCKETS
+
+    values = [0.0, -1.0, 1e-9, 1e9, math.inf]
+    for bound in LATENCY_BUCKETS:
+        values += [bound, math.nextafter(bound, 0.0), math.nextafter(bound, math.inf)]
+    for seconds in values:
+        assert _bucket(seconds) == bisect_left(LATENCY_BUCKETS, seconds), seconds
+    assert _bucket(LATENCY_BUCKETS[-1] * 2) == len(LATENCY_BUCKETS)  # +Inf
+    assert _bucket(math.nan) == len(LATENCY_BUCKETS)
