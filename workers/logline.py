@@ -74,6 +74,7 @@ _PEER: Final[dict[tuple[Any, ...], str]] = {}
 _TLS: Final[dict[tuple[Any, ...], str]] = {}
 _CERT: Final[dict[tuple[Any, ...], str]] = {}
 
+
 def _seconds(value: float | None) -> str:
     # %-format, not a format spec: compiled, "{:.6f}" is a method call (see above).  (In
     # integer microseconds it costs as much: two int-to-str and two concatenations; and
