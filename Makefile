@@ -80,7 +80,7 @@ fuzz: $(TSTAMP)
 ## bench/RESULTS.md (raw JSON in bench/out/).  BENCH_ARGS=--quick for a short development run.
 ## Not part of `make test`: timings belong here only.  See bench/README.md.
 DEBIAN_BENCH_PACKAGES := nginx-light haproxy wrk openssl util-linux
-bench: $(TSTAMP)
+bench: $(TSTAMP) $(STAMP)
 	@missing=""; \
 	for tool in nginx haproxy wrk openssl taskset; do command -v $$tool >/dev/null || missing=1; done; \
 	if [ -n "$$missing" ]; then \
