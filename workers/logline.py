@@ -40,15 +40,18 @@ _QUOTED: Final[dict[str, str]] = {}
 _QUOTED_LIMIT: Final = 4096
 
 
+def _remember(cache: dict[Any, str], key: Any, text: str) -> str:
+    """Keep `text` for `key` in one of this module's bounded caches, and return it."""
+    if len(cache) >= _QUOTED_LIMIT:
+        cache.clear()
+    cache[key] = text
+    return text
+
+
 def _quoted(value: str) -> str:
     """`_quote(value)`, remembered: for values seen again and again."""
     text = _QUOTED.get(value)
-    if text is None:
-        text = _quote(value)
-        if len(_QUOTED) >= _QUOTED_LIMIT:
-            _QUOTED.clear()
-        _QUOTED[value] = text
-    return text
+    return _remember(_QUOTED, value, _quote(value)) if text is None else text
 
 
 def _fields(cache: dict[tuple[Any, ...], str], names: tuple[str, ...],
@@ -57,14 +60,11 @@ def _fields(cache: dict[tuple[Any, ...], str], names: tuple[str, ...],
     request (a connection's peer and route, its TLS, its client certificate), made once
     per distinct set of values and remembered."""
     text = cache.get(values)
-    if text is None:
-        text = ",".join(f'"{name}":{value}' if isinstance(value, int)
-                        else f'"{name}":{_quote(value)}'
-                        for name, value in zip(names, values, strict=True))
-        if len(cache) >= _QUOTED_LIMIT:
-            cache.clear()
-        cache[values] = text
-    return text
+    if text is not None:
+        return text
+    return _remember(cache, values, ",".join(
+        f'"{name}":{value}' if isinstance(value, int) else f'"{name}":{_quote(value)}'
+        for name, value in zip(names, values, strict=True)))
 
 
 _PEER_NAMES: Final = FIELDS[2:10]  # client_ip ... backend

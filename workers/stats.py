@@ -14,15 +14,15 @@ from typing import Any, Final
 
 from gatewayd import metrics as m
 
-_NBUCKETS: Final = len(m.LATENCY_BUCKETS) + 1
 _BOUNDS: Final[tuple[float, ...]] = m.LATENCY_BUCKETS
+_NBUCKETS: Final = len(_BOUNDS) + 1  # the last: +Inf
 
 
 def _bucket(seconds: float) -> int:
-    """The first bucket whose upper bound holds `seconds` (len(_BOUNDS): +Inf), as
-    bisect_left finds it.  A loop: compiled, it compares C doubles, where a call to
-    bisect_left boxed the float and compared objects (~670 instructions a call, run twice
-    per request)."""
+    """The first bucket whose upper bound holds `seconds` (len(_BOUNDS): +Inf, and NaN
+    too, as in prometheus_client), as bisect_left finds it.  A loop: compiled, it
+    compares C doubles, where a call to bisect_left boxed the float and compared objects
+    (~670 instructions a call, run twice per request)."""
     index = 0
     for bound in _BOUNDS:
         if seconds <= bound:
