@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 from gatewayd import forwarding
 from gatewayd.rewrites import CompiledRewriteSet, RequestVariables
-from gatewayd.routing import Route
 
 from .accesslog import AccessLog
 from .http1 import RequestHead
@@ -101,11 +100,14 @@ class RequestRecord:
             return self.uri
         return self.head.target.decode("latin-1")
 
-    def set_route(self, route: Route) -> None:
-        self.rule = route.rule.name
-        self.path_rule = route.path_rule.name if route.path_rule else ""
-        self.backend_pool = route.backend_pool
-        self.backend_settings = route.backend_settings
+    def set_route(self, listener: str, rule: str, path_rule: str, backend_pool: str,
+                  backend_settings: str) -> None:
+        """What routing chose, as names (the proxy's route plan holds them ready)."""
+        self.listener = listener
+        self.rule = rule
+        self.path_rule = path_rule
+        self.backend_pool = backend_pool
+        self.backend_settings = backend_settings
 
     def finish(self, log: AccessLog, stats: Stats) -> None:
         head, conn = self.head, self.conn
