@@ -28,6 +28,9 @@ from pathlib import Path
 from bench.servers import Gatewayd, NginxBackend, make_pki
 
 BOOT_TIMEOUT = 300.0  # s: the master and worker import everything under valgrind
+#: gevent's hub wait (compiled by Cython: a C function callgrind counts the calls of),
+#: where a greenlet parks until its socket is ready: both builds of gatewayd wait there.
+WAIT_FUNCTION = "WaitOperationsGreenlet_wait"
 
 
 def _h2load(port: int, scenario: str, requests: int) -> None:
@@ -46,9 +49,10 @@ def _h2load(port: int, scenario: str, requests: int) -> None:
 
 
 def _worker_instructions(scenario: str, requests: int, keep: Path | None = None,
-                         access_log: bool = False) -> int:
+                         access_log: bool = False) -> tuple[int, int]:
     """Start the backend and gatewayd under callgrind, send `requests`, stop, and return
-    the worker's instruction count for its whole life (callgrind writes it at exit)."""
+    the worker's instruction count for its whole life (callgrind writes it at exit) and
+    how many times it waited in gevent's hub."""
     with tempfile.TemporaryDirectory(prefix="gatewayd-instructions-") as tmp:
         work = Path(tmp)
         work.chmod(0o755)  # nginx's workers (user nobody) read the /1m file below it
@@ -68,7 +72,26 @@ def _worker_instructions(scenario: str, requests: int, keep: Path | None = None,
         dump = out_dir / f"cg.{worker}"
         if keep is not None:  # for callgrind_annotate: the C functions' shares
             shutil.copy(dump, keep)
-        return callgrind_total(dump)
+        return callgrind_total(dump), callgrind_calls(dump, WAIT_FUNCTION)
+
+
+def callgrind_calls(dump: Path, fragment: str) -> int:
+    """How many calls a callgrind output file counted to the functions whose names
+    contain `fragment` (from its `cfn=` / `calls=` lines; a name is given once, on the
+    first `fn=` or `cfn=` line of its id, later lines name the id alone)."""
+    names: dict[str, str] = {}
+    total = 0
+    target = ""
+    for line in dump.read_text(errors="replace").splitlines():
+        if line.startswith(("fn=", "cfn=")):
+            ident, _, name = line.partition("=")[2].partition(" ")
+            if name:
+                names[ident] = name
+            if line[0] == "c":
+                target = names.get(ident, "")
+        elif line.startswith("calls=") and fragment in target:
+            total += int(line[6:].split()[0])
+    return total
 
 
 def callgrind_total(dump: Path) -> int:
@@ -99,14 +122,18 @@ def main() -> int:
             sys.exit(f"{tool} is not installed (apt-get install valgrind nghttp2-client)")
     # Two runs that differ only in the number of requests: boot, warm-up and shutdown
     # cancel out in the difference.
-    base = _worker_instructions(args.scenario, args.warmup,
-                                args.keep.with_suffix(".base") if args.keep else None,
-                                args.access_log)
-    more = _worker_instructions(args.scenario, args.warmup + args.requests, args.keep,
-                                args.access_log)
+    base, base_waits = _worker_instructions(
+        args.scenario, args.warmup, args.keep.with_suffix(".base") if args.keep else None,
+        args.access_log)
+    more, more_waits = _worker_instructions(args.scenario, args.warmup + args.requests,
+                                            args.keep, args.access_log)
     total = more - base
     unit = "connection" if args.scenario == "hs" else "request"
-    print(f"{args.scenario}: {total / args.requests:,.0f} instructions per {unit} "
+    # Whether a read finds its bytes there or waits depends on timing (valgrind's speed
+    # against the backend's and h2load's), and a wait costs thousands of instructions:
+    # compare two versions at about the same waits (bench/README.md).
+    print(f"{args.scenario}: {total / args.requests:,.0f} instructions per {unit}, "
+          f"{(more_waits - base_waits) / args.requests:.2f} waits per {unit} "
           f"(gatewayd worker, {args.requests} {unit}s, callgrind)")
     return 0
 

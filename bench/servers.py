@@ -70,7 +70,7 @@ def check_get(port: int, path: str = "/small", tries: int = 50) -> str:
             resp = conn.getresponse()
             body = resp.read()
             assert conn.sock is not None
-            version = str(conn.sock.version())  # type: ignore[attr-defined]
+            version = str(conn.sock.version())  # type: ignore[attr-defined, unused-ignore]
             conn.close()
             if resp.status == 200 and len(body) in (len(SMALL_BODY), ONE_MIB):
                 return version

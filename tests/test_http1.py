@@ -13,6 +13,7 @@ import pytest
 from gatewayd.workers.http1 import (
     END,
     EndOfMessage,
+    EventQueue,
     HttpError,
     RequestHead,
     RequestParser,
@@ -947,3 +948,23 @@ def test_a_closed_parser_leaves_no_cyclic_garbage() -> None:
         assert gc.collect() > 0
     finally:
         gc.enable()
+
+
+def test_event_queue_keeps_order_across_puts() -> None:
+    """Events come out in the order put, one at a time; a put while some are still queued
+    keeps those first (the proxy drains before it feeds, but the queue does not rely on
+    it); an empty queue says so and raises rather than inventing an event."""
+    queue = EventQueue()
+    assert not queue.ready()
+    queue.put([1, 2, 3])
+    assert queue.take() == 1
+    assert queue.peek() == 2 and queue.take() == 2
+    queue.put([4, 5])
+    assert [queue.take() for _ in range(3)] == [3, 4, 5]
+    assert not queue.ready()
+    with pytest.raises(IndexError):
+        queue.take()
+    queue.put([])
+    assert not queue.ready()
+    queue.put([END])
+    assert queue.ready() and queue.take() is END

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -40,6 +39,7 @@ from .balancer import Balancer
 from .http1 import (
     END,
     Chunk,
+    EventQueue,
     HttpError,
     RequestHead,
     RequestParser,
@@ -172,7 +172,7 @@ class Connection:
             max_headers=limits.max_headers,
             max_body_bytes=limits.max_body_bytes,
         )
-        self.events: deque[Any] = deque()
+        self.events = EventQueue()
         self.scheme = b"https" if bind.tls else b"http"
         self.tls_protocol = ""
         self.tls_cipher = ""
@@ -298,7 +298,7 @@ class Connection:
         if not data:
             return False
         self._received[self.listener_label] += len(data)
-        self.events.extend(self.parser.feed(data))
+        self.events.put(self.parser.feed(data))
         return True
 
     def _next_head(self, first: bool) -> RequestHead | None:
@@ -307,8 +307,8 @@ class Connection:
         limits = self.rt.server
         deadline: float | None = None
         while True:
-            if self.events:
-                event = self.events.popleft()
+            if self.events.ready():
+                event = self.events.take()
                 if isinstance(event, RequestHead):
                     return event
                 continue  # stray events cannot happen; be robust anyway
@@ -655,11 +655,11 @@ class Connection:
             return 0
         total = 0
         while True:
-            while self.events:
-                event = self.events[0]
+            while self.events.ready():
+                event = self.events.peek()
                 if isinstance(event, RequestHead):
                     raise HttpError(400, "bad_request: body ended early")
-                self.events.popleft()
+                self.events.take()
                 if event is END:
                     if head.chunked:
                         _upstream_send(up, LAST_CHUNK)
@@ -682,16 +682,16 @@ class Connection:
     def _take_end(self) -> None:
         """Consume the END of a body-less request (it may still be in the socket)."""
         while True:
-            while self.events:
-                if self.events.popleft() is END:
+            while self.events.ready():
+                if self.events.take() is END:
                     return
             if not self._pump(BODY_READ_TIMEOUT):
                 raise _Abort()
 
     def _read_response_head(
         self, up: Upstream, parser: ResponseParser, *, upgrade: bool = False
-    ) -> tuple[ResponseHead, deque[Any]]:
-        pending: deque[Any] = deque()
+    ) -> tuple[ResponseHead, EventQueue]:
+        pending = EventQueue()
         received = False
         while True:
             try:
@@ -701,9 +701,9 @@ class Connection:
             if not data and not received:
                 raise _UpstreamGone("reset")  # closed before answering (stale keep-alive?)
             received = True
-            pending.extend(parser.feed(data) if data else parser.feed_eof())
-            while pending:
-                event = pending.popleft()
+            pending.put(parser.feed(data) if data else parser.feed_eof())
+            while pending.ready():
+                event = pending.take()
                 if isinstance(event, ResponseHead):
                     if event.status == 101 and upgrade:
                         return event, pending
@@ -719,7 +719,7 @@ class Connection:
         self,
         head: RequestHead,
         resp: ResponseHead,
-        pending: deque[Any],
+        pending: EventQueue,
         parser: ResponseParser,
         up: Upstream,
         record: RequestRecord,
@@ -752,8 +752,8 @@ class Connection:
         relay = None  # a buffer of our own once a Content-Length body streams: no copies
         try:
             while True:
-                while pending:
-                    event = pending.popleft()
+                while pending.ready():
+                    event = pending.take()
                     if event is END:
                         complete = True
                         break
@@ -774,7 +774,7 @@ class Connection:
                     data = up.stream.recv_into(relay)
                 else:
                     data = up.stream.recv()
-                pending.extend(parser.feed(data) if data else parser.feed_eof())
+                pending.put(parser.feed(data) if data else parser.feed_eof())
         except (HttpError, StreamClosed, StreamTimeout) as exc:
             up.close()
             record.error_info = f"upstream_truncated: {exc}"

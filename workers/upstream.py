@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import socket
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -98,7 +97,7 @@ class Upstream:
 
     stream: Stream
     server: Server
-    idle: deque[Upstream]
+    idle: list[Upstream]
     connect_time: float
     idle_since: float = 0.0
     requests: int = 0
@@ -125,7 +124,7 @@ class _Target:
     settings: BackendSettings
     context: SSL.Context | None
     request_named: bool  # the name comes from the client's Host
-    idle_by_server: dict[str, deque[Upstream]] = field(default_factory=dict)
+    idle_by_server: dict[str, list[Upstream]] = field(default_factory=dict)
 
 
 class UpstreamPool:
@@ -142,7 +141,7 @@ class UpstreamPool:
         self._settings = settings
         self._targets: dict[str, dict[str, _Target]] = {}  # pool → settings → target
         # (host, port, settings, TLS name) → idle connections, most recently used last
-        self._idle: dict[tuple[str, int, str, str], deque[Upstream]] = {}
+        self._idle: dict[tuple[str, int, str, str], list[Upstream]] = {}
         self.resolver = Resolver()
 
     def server_names(self) -> list[tuple[str, int]]:
@@ -166,11 +165,11 @@ class UpstreamPool:
             self._targets.setdefault(pool_name, {})[settings_name] = target
             return target
 
-    def _idle_for(self, target: _Target, server: Server, name: str) -> deque[Upstream]:
+    def _idle_for(self, target: _Target, server: Server, name: str) -> list[Upstream]:
         key = (server.host, server.port, target.settings.name, name)
         idle = self._idle.get(key)
         if idle is None:
-            idle = self._idle[key] = deque()
+            idle = self._idle[key] = []
         return idle
 
     def _name(self, target: _Target, server: Server, client_host: bytes) -> str:
@@ -237,7 +236,7 @@ class UpstreamPool:
                 idle.pop().close()
 
     def _connect(
-        self, target: _Target, server: Server, idle: deque[Upstream], name: str
+        self, target: _Target, server: Server, idle: list[Upstream], name: str
     ) -> Upstream:
         settings = target.settings
         started = time.monotonic()

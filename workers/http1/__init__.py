@@ -23,11 +23,11 @@ httptools 0.9) already rejects was verified by tests rather than assumed:
   CONTRACT section 3, trailing OWS in values (section 5.1), and response-side framing that
   llhttp cannot know about (responses to HEAD, section 6.3 rule 1).
 
-Layout: ``common`` (HttpError, END, what both share), ``request`` (RequestParser),
+Layout: ``common`` (HttpError, END, EventQueue, what both share), ``request`` (RequestParser),
 ``response`` (ResponseParser).
 """
 
-from .common import END, Chunk, EndOfMessage, HttpError
+from .common import END, Chunk, EndOfMessage, EventQueue, HttpError
 from .request import RequestEvent, RequestHead, RequestParser
 from .response import ResponseEvent, ResponseHead, ResponseParser
 
@@ -35,6 +35,7 @@ __all__ = [
     "END",
     "Chunk",
     "EndOfMessage",
+    "EventQueue",
     "HttpError",
     "RequestEvent",
     "RequestHead",
