@@ -968,3 +968,20 @@ def test_event_queue_keeps_order_across_puts() -> None:
     assert not queue.ready()
     queue.put([END])
     assert queue.ready() and queue.take() is END
+
+
+def test_event_queue_lets_go_of_taken_events() -> None:
+    """A keep-alive connection keeps its queue while idle: the last request's body
+    chunks must not stay alive in it."""
+    import weakref
+
+    class Chunk(bytearray):  # bytes cannot be weakly referenced; a subclass can
+        pass
+
+    queue = EventQueue()
+    chunk = Chunk(b"x" * 65536)
+    alive = weakref.ref(chunk)
+    queue.put([chunk, END])
+    assert queue.take() is chunk and queue.take() is END
+    del chunk
+    assert alive() is None

@@ -73,7 +73,8 @@ class EventQueue:
     method call (~200 instructions, seven a request), where these are C calls.  The proxy
     takes every event before it feeds the parser again, so `put` mostly swaps in the
     parser's new list; taking moves the position, never the items (a `pop(0)` per event
-    would move them all: quadratic for a read of many small chunks)."""
+    would move them all: quadratic for a read of many small chunks), and lets go of the
+    event taken: an idle keep-alive connection must not hold its last request's body."""
 
     __slots__ = ("_items", "_next")
 
@@ -98,8 +99,11 @@ class EventQueue:
 
     def take(self) -> Any:
         """The next event (IndexError if none)."""
-        item = self._items[self._next]
-        self._next += 1
+        index = self._next
+        items = self._items
+        item = items[index]
+        items[index] = None
+        self._next = index + 1
         return item
 
 
