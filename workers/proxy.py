@@ -21,12 +21,11 @@ from gatewayd.backendpath import override_path
 from gatewayd.clientcert import NO_CERTIFICATE, ClientCertInfo
 from gatewayd.clientcert import describe as describe_client_cert
 from gatewayd.forwarding import ForwardContext, gateway_response, upstream_request_head
-from gatewayd.model import BackendSettings, Listener, ServerSettings
+from gatewayd.model import Listener, ServerSettings
 from gatewayd.redirects import CompiledRedirect
 from gatewayd.rewrites import CompiledRewriteSet, RequestVariables
 from gatewayd.routing import (
     BindRouter,
-    Route,
     Router,
     RoutingError,
     Target,
@@ -103,7 +102,7 @@ class BindContext:
 @dataclass(slots=True, frozen=True)
 class RoutePlan:
     """What routing decided for one (Host, SNI, target), and what follows from it alone:
-    the backend settings and the URI sent to the backend (after a path override).
+    the URI sent to the backend (after a path override) and what the backend settings say.
 
     The names and values every request reads are copied out of the config objects here,
     once per plan: `Listener`, `Route` and `BackendSettings` are plain Python objects, and
@@ -112,8 +111,6 @@ class RoutePlan:
 
     target: Target
     listener: Listener
-    route: Route
-    settings: BackendSettings | None  # None for a redirect
     uri: str  # the backend's request-target, as the access log shows it
     uri_bytes: bytes
     listener_name: str
@@ -410,7 +407,7 @@ class Connection:
                                      route.path_rule.paths if route.path_rule else ())
         uri = path + ("?" + target.query if target.query else "")
         found = RoutePlan(
-            target, listener, route, settings, uri, uri.encode("latin-1"), listener.name,
+            target, listener, uri, uri.encode("latin-1"), listener.name,
             route.rule.name, route.path_rule.name if route.path_rule else "",
             route.backend_pool, route.backend_settings,
             settings.request_timeout if settings is not None else 0.0,

@@ -42,6 +42,10 @@ class _Histogram:
         self.counts = [0] * _NBUCKETS
         self.total = 0.0
 
+    def add(self, seconds: float) -> None:
+        self.counts[_bucket(seconds)] += 1
+        self.total += seconds
+
 
 class _BackendSeries:
     """backend_responses_total by code class and backend_first_byte, for one (pool,
@@ -95,8 +99,7 @@ class Stats:
         hist = self.histograms.get(key)
         if hist is None:
             hist = self.histograms[key] = _Histogram()
-        hist.counts[_bucket(seconds)] += 1
-        hist.total += seconds
+        hist.add(seconds)
 
     def request_done(self, listener: str, rule: str, pool: str, status: int,
                      duration: float) -> None:
@@ -107,8 +110,7 @@ class Stats:
         except KeyError:
             by_status, hist = self._request_series(listener, rule, pool)
         by_status[status] += 1
-        hist.counts[_bucket(duration)] += 1
-        hist.total += duration
+        hist.add(duration)
 
     def _request_series(self, listener: str, rule: str,
                         pool: str) -> tuple[defaultdict[int, int], _Histogram]:
@@ -127,9 +129,7 @@ class Stats:
         except KeyError:
             series = self._backends.setdefault(pool, {}).setdefault(server, _BackendSeries())
         series.by_class[status // 100] += 1
-        hist = series.first_byte
-        hist.counts[_bucket(first_byte)] += 1
-        hist.total += first_byte
+        series.first_byte.add(first_byte)
 
     # -- flushing (once a second, from a greenlet) ------------------------------------
 
