@@ -137,3 +137,28 @@ def test_fast_json_lines_equal_json_dumps() -> None:
     assert duration_text(12.5) == "12.500000"
     assert duration_text(-0.25) == "-0.250000"  # the clock stepped back
     assert duration_text(3e9) == "3000000000.000000"
+    # Sub-second times take a shortcut (integer microseconds); it must write exactly what
+    # "%.6f" writes, including at the halves where the seventh decimal decides.
+    halves = [(k + 0.5) / 1e6 for k in range(0, 1000000, 997)]
+    near = [v + d for v in halves[:200] for d in (-1e-15, 1e-15, -1e-12, 1e-12)]
+    samples = [rng.random() for _ in range(20000)] + halves + near + [
+        0.0000005, 0.0000015, 0.9999994, 0.9999995, 0.9999996, 1.0 - 2 ** -53, 5e-324]
+    for v in samples:
+        assert duration_text(v) == f"{v:.6f}", v
+
+
+def test_log_timestamp_is_iso_8601_with_milliseconds() -> None:
+    """The record's time stamp (strftime once a second, the milliseconds from a table) is
+    what a full strftime writes, across second boundaries and back in time."""
+    import time
+
+    from gatewayd.workers.record import _timestamp
+
+    start = 1764460800.0  # 2025-11-30T00:00:00Z
+    for started in [start + k * 0.0137 for k in range(300)] + [
+            start - 0.0005, start + 59.9995, start + 86399.999, start - 3600.25, start + 0.0]:
+        millis = int(started * 1000)
+        expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(millis // 1000))
+        assert _timestamp(started) == f"{expected}.{millis % 1000:03d}Z", started
+    assert _timestamp(start + 1.5) == "2025-11-30T00:00:01.500Z"
+    assert _timestamp(start - 0.001) == "2025-11-29T23:59:59.999Z"
