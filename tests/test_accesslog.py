@@ -115,6 +115,7 @@ def test_fast_json_lines_equal_json_dumps() -> None:
         expected = "{" + ",".join(f"{json.dumps(name)}:{expected_text(name, v)}"
                                   for name, v in zip(FIELDS, values, strict=True)) + "}\n"
         assert line == expected
+        assert line.isascii()  # AccessLog.write encodes it without an error handler
         parsed = json.loads(line)
         assert list(parsed) == list(FIELDS)
         for name, v in zip(FIELDS, values, strict=True):

@@ -67,8 +67,10 @@ class AccessLog:
         if self._pending_bytes > MAX_PENDING:
             self.dropped += 1
             return
-        line = json_line(record) if self._json else combined_line(record, started)
-        data = line.encode("utf-8", "replace")
+        if self._json:  # ASCII by construction (every string is quoted with \u escapes):
+            data = json_line(record).encode()  # a plain copy, no error handler to set up
+        else:
+            data = combined_line(record, started).encode("utf-8", "replace")
         self._pending.append(data)
         self._pending_bytes += len(data)
 

@@ -118,9 +118,11 @@ class RequestRecord:
             return
         user_agent = method = host = version = ""
         if head is not None:
-            method = head.method.decode("latin-1")
+            # The usual method and version as constants: no decode, and the log's cache
+            # of quoted values finds a constant by its remembered hash.
+            method = "GET" if head.method == b"GET" else head.method.decode("latin-1")
             host = head.host.decode("latin-1")
-            version = head.version.decode("latin-1")
+            version = "1.1" if head.version == b"1.1" else head.version.decode("latin-1")
             for name, value in head.headers:
                 if len(name) == 10 and name.lower() == b"user-agent":  # no lower() per field
                     user_agent = value.decode("latin-1")
