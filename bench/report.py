@@ -144,6 +144,11 @@ def _target_rows(results: list[Result]) -> list[str]:
     per_cpu, source = ka_ratio(results, BY_KEY["ka_per_cpu"], "gatewayd-1w", "nginx-1w")
     row(f"keep-alive req per CPU-s vs nginx (1 worker; {source})", per_cpu, per_cpu >= 0.35,
         "≥ 0.35x (then 0.5x)")
+    # The contract's default config logs every request as JSON: the issue's "every
+    # feature on" (nginx in the bench logs nothing, so this is the harder comparison).
+    on_cpu, source = ka_ratio(results, BY_KEY["ka_per_cpu"], "gatewayd-1w-all-on", "nginx-1w")
+    row(f"... with the JSON access log on, as by default (1 worker; {source})", on_cpu,
+        on_cpu >= 0.35, "≥ 0.35x (then 0.5x)")
     us = ka_figure(results, BY_KEY["ka_cpu_us"], "gatewayd-1w")
     rows.append(f"| keep-alive CPU per request, gatewayd 1 worker | ≤ 57 µs | "
                 f"{_fmt(BY_KEY['ka_cpu_us'], us)}{'' if math.isnan(us) else ' µs'} | "
@@ -191,6 +196,7 @@ def interleaved_section(results: list[Result]) -> list[str]:
               "|---|---:|---:|---:|---|"]
     for label, metric, a, b in (
             ("gatewayd-1w / nginx-1w, req per CPU-s ↑", per_cpu, "gatewayd-1w", "nginx-1w"),
+            ("all-on / nginx-1w, req per CPU-s ↑", per_cpu, "gatewayd-1w-all-on", "nginx-1w"),
             ("all-on / all-off, CPU per request ↓", cpu,
              "gatewayd-1w-all-on", "gatewayd-1w-all-off"),
             ("all-on / gatewayd-1w (the access log alone), CPU per request ↓", cpu,
@@ -220,7 +226,7 @@ def cost_section(results: list[Result]) -> list[str]:
     ]
     for name, cfg in (("everything on: access_log to a file (json), metrics on", on),
                       ("access_log = \"off\", GATEWAYD_METRICS=off", off),
-                      ("gatewayd-1w: access_log = \"off\", metrics on (the default)",
+                      ("gatewayd-1w: access_log = \"off\", metrics on",
                        "gatewayd-1w")):
         lines.append(f"| {name} | {_fmt(rps, ka_figure(results, rps, cfg))} | "
                      f"{_fmt(cpu, ka_figure(results, cpu, cfg))} |")
