@@ -419,6 +419,21 @@ def passed_response_head(
     return _end_response_head(parts, framing, close, None, announce_keep_alive)
 
 
+_CONTENT_LENGTHS: Final[dict[int, bytes]] = {}
+
+
+def content_length_field(length: int) -> bytes:
+    """The `Content-Length: n` line (without its CRLF) for a body of `length` bytes.
+    Remembered by length, up to _CACHE_LIMIT of them: a backend serves the same few
+    sizes again and again, and a dict lookup by int costs a fraction of the %-format."""
+    field = _CONTENT_LENGTHS.get(length)
+    if field is None:
+        field = b"Content-Length: %d" % length
+        if len(_CONTENT_LENGTHS) < _CACHE_LIMIT:
+            _CONTENT_LENGTHS[length] = field
+    return field
+
+
 def _status_line(status: int, reason: bytes) -> bytes:
     line = _STATUS_LINES.get((status, reason))
     if line is None:

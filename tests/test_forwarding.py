@@ -436,3 +436,16 @@ def test_request_ids_differ_across_fork() -> None:
     parent_ids = {new_request_id() for _ in range(300)} | {held}
     assert len(child_ids) == 300
     assert not child_ids & parent_ids
+
+
+def test_content_length_field_is_remembered_and_bounded() -> None:
+    """The framing line the proxy writes for a Content-Length body: the same bytes as a
+    fresh format for every length, the cache bounded (a client sending endless new
+    lengths cannot grow it), and lengths past the bound still right."""
+    from gatewayd import forwarding
+
+    for length in (0, 1, 100, 65535, 10**12, 100, 0):
+        assert forwarding.content_length_field(length) == b"Content-Length: %d" % length
+    for length in range(3 * forwarding._CACHE_LIMIT):
+        assert forwarding.content_length_field(length) == b"Content-Length: %d" % length
+    assert len(forwarding._CONTENT_LENGTHS) <= forwarding._CACHE_LIMIT

@@ -725,7 +725,7 @@ class Connection:
         bodyless = head.method == b"HEAD" or resp.status in (204, 304)
         rechunk = False
         if resp.content_length is not None:
-            framing: bytes | None = b"Content-Length: %d" % resp.content_length
+            framing: bytes | None = forwarding.content_length_field(resp.content_length)
         elif bodyless:
             framing = None
         elif head.version == b"1.1":
@@ -853,7 +853,7 @@ def _request_framing(head: RequestHead) -> bytes | None:
     if head.chunked:
         return b"Transfer-Encoding: chunked"
     if head.content_length is not None:
-        return b"Content-Length: %d" % head.content_length
+        return forwarding.content_length_field(head.content_length)
     return None
 
 
