@@ -21,8 +21,13 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.instructions import callgrind_total
+
+if TYPE_CHECKING:
+    from gatewayd.workers.proxy import Connection
+    from gatewayd.workers.stats import Stats
 
 #: Records per access-log flush in the "record" pieces: the worker flushes every 100 ms,
 #: which is ~500 requests at the bench's keep-alive rate.
@@ -47,7 +52,7 @@ protocol = "http"
 name = "be"
 servers = ["127.0.0.1:8444"]
 [[backend_settings]]
-name = "be-https"
+name = "be-http"
 protocol = "http"
 port = 8444
 [[rule]]
@@ -55,11 +60,11 @@ name = "main"
 priority = 10
 listener = "front"
 backend_pool = "be"
-backend_settings = "be-https"
+backend_settings = "be-http"
 """
 
 
-def _connection(stats: object) -> object:
+def _connection(stats: Stats) -> Connection:
     """A real proxy Connection (no socket: the record reads only its fields), with the
     TLS fields the bench's https listener would have set."""
     from gatewayd.workers.accesslog import AccessLog
@@ -78,7 +83,7 @@ def _connection(stats: object) -> object:
                  upstreams=UpstreamPool(config.backend_pools, config.backend_settings),
                  balancer=Balancer(config.backend_pools, config.backend_settings, None, [],
                                    b"0" * 32),
-                 access_log=AccessLog("off", "json"), stats=stats)  # type: ignore[arg-type]
+                 access_log=AccessLog("off", "json"), stats=stats)
     bind = BindContext(port=8443, router=router.for_bind(Address("127.0.0.1", 8443)),
                        tls=None)
     conn = Connection(rt, bind, None, ("127.0.0.1", 50000))
@@ -137,7 +142,7 @@ def _pieces() -> dict[str, Callable[[], object]]:
     def record(log: AccessLog) -> None:
         records[0] += 1
         rec = RequestRecord(conn, head)
-        rec.set_route("front", "main", "", "be", "be-https")
+        rec.set_route("front", "main", "", "be", "be-http")
         rec.backend = "127.0.0.1:8444"
         rec.status = rec.backend_status = 200
         rec.bytes_sent = 100

@@ -80,7 +80,7 @@ _NO_CERT: Final = ",".join(f'"{name}":""' for name in _CERT_NAMES)
 # Texts looked up instead of made: an int-to-str costs a few hundred instructions, a
 # tuple index a few.  Status codes and a small body's byte counts are below 1000, and a
 # sub-second time is two table entries: "0.ddd" (its milliseconds) and "ddd".
-_INT_TEXT: Final = tuple(str(n) for n in range(1000))
+_INT_TEXT: Final = tuple(str(n) for n in range(1000))  # also the metrics' status labels
 _MILLI_TEXT: Final = tuple("0.%03d" % n for n in range(1000))  # noqa: UP031
 _THREE_DIGITS: Final = tuple("%03d" % n for n in range(1000))  # noqa: UP031
 # How far from a half a scaled time must be for its rounding to be beyond doubt: the
@@ -88,7 +88,8 @@ _THREE_DIGITS: Final = tuple("%03d" % n for n in range(1000))  # noqa: UP031
 _ROUNDING_MARGIN: Final = 1e-9
 
 
-def _int(value: int) -> str:
+def int_text(value: int) -> str:
+    """str(value), from a table below 1000."""
     return _INT_TEXT[value] if 0 <= value < 1000 else str(value)
 
 
@@ -133,9 +134,9 @@ def json_line(values: tuple[Any, ...]) -> str:
         _fields(_PEER, _PEER_NAMES, (client_ip, client_port, listener, rule, path_rule,
                                      backend_pool, backend_settings, backend)),
         ',"method":', _quoted(method), ',"uri":', q(uri), ',"host":', _quoted(host),
-        ',"http_version":', _quoted(http_version), ',"status":', _int(status),
-        ',"backend_status":', _int(backend_status),
-        ',"bytes_received":', _int(bytes_received), ',"bytes_sent":', _int(bytes_sent),
+        ',"http_version":', _quoted(http_version), ',"status":', int_text(status),
+        ',"backend_status":', int_text(backend_status),
+        ',"bytes_received":', int_text(bytes_received), ',"bytes_sent":', int_text(bytes_sent),
         ',"duration":', _seconds(duration), ',"backend_connect_time":', _seconds(connect),
         ',"backend_first_byte_time":', _seconds(first_byte), ",",
         _fields(_TLS, _TLS_NAMES, (tls_protocol, tls_cipher, sni)),

@@ -14,6 +14,8 @@ from typing import Any, Final
 
 from gatewayd import metrics as m
 
+from .logline import int_text
+
 _BOUNDS: Final[tuple[float, ...]] = m.LATENCY_BUCKETS
 _NBUCKETS: Final = len(_BOUNDS) + 1  # the last: +Inf
 
@@ -31,7 +33,6 @@ def _bucket(seconds: float) -> int:
     return index
 
 
-_STATUS_TEXT: Final = tuple(str(code) for code in range(1000))  # label values, made once
 _CODE_CLASS: Final = tuple(f"{digit}xx" for digit in range(10))
 
 
@@ -156,8 +157,8 @@ class Stats:
             for rule, pools in rules.items():
                 for pool, by_status in pools.items():
                     for status, amount in by_status.items():
-                        text = _STATUS_TEXT[status] if 0 <= status < 1000 else str(status)
-                        counters[("requests", (listener, rule, pool, text))] += amount
+                        counters[("requests", (listener, rule, pool, int_text(status)))] += (
+                            amount)
                     by_status.clear()
         for listener, hist in self._durations.items():
             if hist.total or any(hist.counts):
