@@ -113,6 +113,14 @@ def _pieces() -> dict[str, Callable[[], object]]:
         response_parser.next_response(b"GET")
         return response_parser.feed(RESPONSE)
 
+    # The same response with a head never seen before (its ETag differs), made up front:
+    # what a backend that never repeats a head costs (a lookup and an insert that miss).
+    unseen = iter([RESPONSE.replace(b'"6566a1b0-64"', b'"%012x"' % n) for n in range(20_000)])
+
+    def parse_unseen_response() -> object:
+        response_parser.next_response(b"GET")
+        return response_parser.feed(next(unseen))
+
     ctx = ForwardContext(  # once per connection, as the proxy makes it
         client_ip="127.0.0.1", client_port=50000, scheme=b"https", listener_port=8443,
         xff_with_port=False, request_id="", client_host=b"", upstream_host=b"",
@@ -160,6 +168,7 @@ def _pieces() -> dict[str, Callable[[], object]]:
     return {
         "request-parse": lambda: request_parser.feed(REQUEST),
         "response-parse (pooled parser)": parse_response,
+        "response-parse (head not seen before)": parse_unseen_response,
         "response-parser-new": lambda: ResponseParser(request_method=b"GET"),
         "upstream-head": upstream_head,
         "client-head": lambda: passed_response_head(

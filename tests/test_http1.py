@@ -670,6 +670,135 @@ def test_a_response_parser_is_not_reusable_before_the_end_or_after_extra_bytes()
     assert not p.reusable
 
 
+# ---- heads remembered by their bytes (response._HEADS) --------------------------------
+
+
+@pytest.fixture
+def no_remembered_heads() -> Any:
+    """An empty head memory before and after: what llhttp makes of a head is then the first
+    outcome, and other tests' heads do not decide whether this one is remembered."""
+    from gatewayd.workers.http1 import response
+
+    response._HEADS.clear()
+    yield response._HEADS
+    response._HEADS.clear()
+
+
+def _outcome(parser: ResponseParser, chunks: list[bytes], eof: bool) -> tuple[Any, ...]:
+    try:
+        events = feed_all(parser, chunks)
+        if eof:
+            events = merge(events + parser.feed_eof())
+    except HttpError as exc:
+        return ("error", exc.status, exc.error_info)
+    return (events, parser.extra, parser.reusable, parser.counting)
+
+
+_REMEMBERED = [  # (method, response, remembered): only Content-Length framed final heads
+    (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello", True),
+    (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel", True),  # body due
+    (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1", True),  # extra
+    (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", True),
+    (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nX", True),  # extra
+    (b"GET", b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", True),  # not kept alive
+    (b"GET", b"HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: 2\r\n"
+             b"Connection: x-trace\r\nX-Trace: 1\r\n\r\nno", True),
+    (b"POST", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\n"
+              b"Content-Length: 2\r\n\r\nok", True),  # the final head, after the interim
+    (b"GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", False),
+    (b"GET", b"HTTP/1.1 200 OK\r\n\r\nuntil eof", False),
+    (b"GET", b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n", False),
+    (b"GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", False),
+    (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", False),
+    (b"GET", b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+             b"Connection: Upgrade\r\nContent-Length: 3\r\n\r\nabc", False),
+    (b"GET", b"\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", False),  # lead CRLF
+    (b"GET", b"HTTP/1.1 200 OK\r\nX: " + b"v" * 1100 + b"\r\nContent-Length: 2\r\n\r\nok",
+     False),  # longer than _HEAD_KEY_MAX
+    (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nok", False),
+]
+
+
+@pytest.mark.parametrize(("method", "data", "remembered"), _REMEMBERED)
+@pytest.mark.parametrize("eof", [False, True])
+def test_a_remembered_head_reads_as_llhttp_read_it(
+    no_remembered_heads: dict[bytes, ResponseHead], method: bytes, data: bytes,
+    remembered: bool, eof: bool
+) -> None:
+    """The second time the same bytes arrive, the head comes from memory (the very object
+    llhttp's parse made) and everything else (body, END, extra bytes, reusable, the EOF
+    verdict) is what a parse by llhttp gave the first time."""
+    first = _outcome(ResponseParser(request_method=method), [data], eof)
+    assert bool(no_remembered_heads) is remembered
+    second = _outcome(ResponseParser(request_method=method), [data], eof)
+    assert second == first
+    if remembered and second[0] != "error":  # the final head: the very object made before
+        final = [e for e in second[0] if isinstance(e, ResponseHead)][-1]
+        assert final is [e for e in first[0] if isinstance(e, ResponseHead)][-1]
+    # and the same on a parser kept from a previous response
+    kept = ResponseParser(request_method=b"GET")
+    feed_all(kept, [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"])
+    assert kept.reusable
+    kept.next_response(method)
+    assert _outcome(kept, [data], eof) == first
+
+
+def test_a_reused_parser_reads_a_new_head_after_a_remembered_one(
+    no_remembered_heads: dict[bytes, ResponseHead],
+) -> None:
+    """llhttp never sees a remembered head or its body, so it is still between messages:
+    the next response on the connection, whatever its framing, parses as on a new parser."""
+    known = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+    resp([known + b"hello"])
+    p = ResponseParser(request_method=b"GET")
+    for _ in range(2):
+        assert feed_all(p, [known, b"he", b"llo"])[1:] == [b"hello", END]
+        assert p.reusable
+        p.next_response(b"GET")
+        chunked = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+                   b"0\r\n\r\n"]
+        assert feed_all(p, chunked) == resp(chunked)
+        assert p.reusable
+        p.next_response(b"GET")
+
+
+def test_a_remembered_head_still_meets_each_parsers_limits(
+    no_remembered_heads: dict[bytes, ResponseHead],
+) -> None:
+    data = (b"HTTP/1.1 200 OK\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: " + b"d" * 300 +
+            b"\r\nContent-Length: 2\r\n\r\nok")
+    resp(data)
+    assert len(no_remembered_heads) == 1
+    with pytest.raises(HttpError, match="too_many_headers"):
+        ResponseParser(request_method=b"GET", max_headers=4).feed(data)
+    with pytest.raises(HttpError, match="header_too_large"):
+        ResponseParser(request_method=b"GET", max_header_bytes=300).feed(data)
+    assert ResponseParser(request_method=b"GET", max_headers=5).feed(data)[1:] == [b"ok", END]
+
+
+def test_a_head_to_head_is_not_taken_from_memory(
+    no_remembered_heads: dict[bytes, ResponseHead],
+) -> None:
+    """The same head answers a HEAD request without a body: a remembered GET answer must
+    not make the parser wait for (or relay) one."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+    resp(head + b"hello")
+    p = ResponseParser(request_method=b"HEAD")
+    events = p.feed(head)
+    assert events[1:] == [END] and events[0].content_length == 5
+    assert not p.counting
+
+
+def test_the_head_memory_is_bounded(no_remembered_heads: dict[bytes, ResponseHead]) -> None:
+    from gatewayd.workers.http1 import response
+
+    for n in range(response._HEADS_LIMIT * 2 + 10):
+        resp(b"HTTP/1.1 200 OK\r\nETag: \"%d\"\r\nContent-Length: 0\r\n\r\n" % n)
+        assert 1 <= len(no_remembered_heads) <= response._HEADS_LIMIT
+    last = b"HTTP/1.1 200 OK\r\nETag: \"%d\"\r\nContent-Length: 0\r\n\r\n" % n
+    assert last in no_remembered_heads
+
+
 def resp_err(data: bytes, method: bytes = b"GET", eof: bool = False) -> HttpError:
     with pytest.raises(HttpError) as info:
         resp(data, method, eof)

@@ -103,6 +103,23 @@ class ResponseHead:
         return out
 
 
+# Final response heads already parsed, by their exact bytes.  A backend sends the same head
+# again and again (the same resource: only Date changes, once a second), and parsing one
+# with llhttp costs ~20,000 instructions (a Python callback and a sort per field), a dict
+# lookup a few hundred: the lookup's hash is the bytes' own, kept in the object.  The same
+# bytes parse to the same head, so a head found here is what llhttp would have produced;
+# only what depends on the parser (its limits, HEAD) is checked again (_cached_head).  Only
+# Content-Length framed heads are kept, so the body is counted without llhttp (which
+# never sees the message and stays between messages).  Bounded in count and key size:
+# emptied when full (cheaper than dropping the oldest one by one, which leaves a dict's
+# iteration to skip the holes), so heads that never repeat (a Set-Cookie per response)
+# cost a lookup and an insert each and cannot grow it, and the heads in use come back.
+# The heads here are shared: nothing changes a ResponseHead once the parser has made it.
+_HEADS: Final[dict[bytes, ResponseHead]] = {}
+_HEADS_LIMIT: Final = 256
+_HEAD_KEY_MAX: Final = 1024
+
+
 ResponseEvent = ResponseHead | Chunk | EndOfMessage
 
 
@@ -291,13 +308,21 @@ class ResponseParser(LlhttpOwner):
             self._head_len = self._raw + end - start  # checked in on_headers_complete
             self._tail = b""
             self._raw = 0
+            # a head that came whole in this read, at its start: maybe parsed before
+            key = data[:end] if start == 0 and not tail and end <= _HEAD_KEY_MAX else None
+            if key is not None and not self._method_head:
+                seen = _HEADS.get(key)
+                if seen is not None and self._cached_head(seen, data, end):
+                    return
             try:
-                p.feed_data(data[:end])  # fires on_headers_complete for this head
+                p.feed_data(data[:end] if key is None else key)  # fires on_headers_complete
             except (_HttpParserUpgrade, _HttpParserError):
                 # llhttp pauses after a 101 (with or without Upgrade fields): fine once
                 # the head is accepted; anything else is a real error.
                 if not self._done or self._err is not None:
                     raise
+            if key is not None:
+                self._remember(key)
             rest = data[end:]
             if self._state == _BODY:  # final response with a body
                 if rest:
@@ -313,6 +338,42 @@ class ResponseParser(LlhttpOwner):
                         self.trailing = rest
                 return
             data = rest  # after an interim response: the next head follows
+
+    def _cached_head(self, head: ResponseHead, data: bytes, end: int) -> bool:
+        """Take `head`, found in _HEADS for `data[:end]`, as this response's head if this
+        parser's limits allow it (else llhttp parses it again, and fails it), and the rest
+        of `data` as its body.  The Content-Length body is counted without llhttp, which
+        never saw the head and stays between messages: the parser stays `reusable`."""
+        if (len(head.passed) // 4 + len(head.hop_fields) > self._max_headers
+                or end - len(head.reason) - 17 > self._max_hdr):
+            return False
+        self._head = head
+        self._events.append(head)
+        length = head.content_length
+        if length:
+            self._state = _BODY
+            self._left = length
+            self._unfed = True
+            if end < len(data):
+                self._count_body(data[end:])
+        else:  # Content-Length: 0, so anything after the head is not this response's
+            self._events.append(END)
+            self._done = True
+            if end < len(data):
+                self.extra = True
+        return True
+
+    def _remember(self, key: bytes) -> None:
+        """Keep the head llhttp just parsed from `key` in _HEADS if its body is framed by
+        Content-Length: a final response, not to HEAD, without Transfer-Encoding."""
+        head = self._head
+        if (head is None or head.content_length is None or self._err is not None
+                or self._method_head or head.status < 200  # interim or 101
+                or head.status in _NO_BODY_STATUS):
+            return
+        if len(_HEADS) >= _HEADS_LIMIT:
+            _HEADS.clear()  # the heads still in use come back on their next miss
+        _HEADS[key] = head
 
     def _count_body(self, data: Chunk) -> None:
         """A Content-Length body is passed on as it came: each chunk is the very object
