@@ -762,6 +762,20 @@ def test_a_reused_parser_reads_a_new_head_after_a_remembered_one(
         p.next_response(b"GET")
 
 
+def test_only_a_head_that_starts_in_the_read_is_looked_up(
+    no_remembered_heads: dict[bytes, ResponseHead],
+) -> None:
+    """The end of a head begun in an earlier read may spell a whole remembered head: it is
+    still part of the head it ends, not that head."""
+    known = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"
+    resp(known + b"ok")
+    assert known in no_remembered_heads
+    p = ResponseParser(request_method=b"GET")
+    events = feed_all(p, [b"HTTP/1.1 200 OK\r\nX-A: ", known + b"ok"])
+    assert events[0].headers == [(b"X-A", b"HTTP/1.1 200 OK"), (b"Content-Length", b"2")]
+    assert events[1:] == [b"ok", END]
+
+
 def test_a_remembered_head_still_meets_each_parsers_limits(
     no_remembered_heads: dict[bytes, ResponseHead],
 ) -> None:

@@ -279,7 +279,8 @@ class ResponseParser(LlhttpOwner):
         head is complete; then the body (if any) goes straight to llhttp."""
         p = self._p
         while data:
-            if not self._began:
+            whole = not self._began  # the head starts in this read, so may be all in it
+            if whole:
                 # llhttp skips empty lines before a status line; so must the boundary search
                 stripped = data.lstrip(b"\r\n")
                 if not stripped:
@@ -309,7 +310,7 @@ class ResponseParser(LlhttpOwner):
             self._tail = b""
             self._raw = 0
             # a head that came whole in this read, at its start: maybe parsed before
-            key = data[:end] if start == 0 and not tail and end <= _HEAD_KEY_MAX else None
+            key = data[:end] if whole and start == 0 and end <= _HEAD_KEY_MAX else None
             if key is not None and not self._method_head:
                 seen = _HEADS.get(key)
                 if seen is not None and self._cached_head(seen, data, end):
