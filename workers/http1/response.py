@@ -309,14 +309,17 @@ class ResponseParser(LlhttpOwner):
             self._head_len = self._raw + end - start  # checked in on_headers_complete
             self._tail = b""
             self._raw = 0
-            # a head that came whole in this read, at its start: maybe parsed before
-            key = data[:end] if whole and start == 0 and end <= _HEAD_KEY_MAX else None
-            if key is not None and not self._method_head:
+            head_bytes = data[:end]
+            # a head that came whole in this read, at its start, maybe parsed before (never
+            # taken for a response to HEAD: no body follows it then)
+            key = (head_bytes if whole and start == 0 and end <= _HEAD_KEY_MAX
+                   and not self._method_head else None)
+            if key is not None:
                 seen = _HEADS.get(key)
                 if seen is not None and self._cached_head(seen, data, end):
                     return
             try:
-                p.feed_data(data[:end] if key is None else key)  # fires on_headers_complete
+                p.feed_data(head_bytes)  # fires on_headers_complete for this head
             except (_HttpParserUpgrade, _HttpParserError):
                 # llhttp pauses after a 101 (with or without Upgrade fields): fine once
                 # the head is accepted; anything else is a real error.
@@ -345,8 +348,7 @@ class ResponseParser(LlhttpOwner):
         parser's limits allow it (else llhttp parses it again, and fails it), and the rest
         of `data` as its body.  The Content-Length body is counted without llhttp, which
         never saw the head and stays between messages: the parser stays `reusable`."""
-        if (len(head.passed) // 4 + len(head.hop_fields) > self._max_headers
-                or end - len(head.reason) - 17 > self._max_hdr):
+        if self._over_limit(head.passed, head.hop_fields, end, head.reason):
             return False
         self._head = head
         self._events.append(head)
@@ -365,12 +367,11 @@ class ResponseParser(LlhttpOwner):
         return True
 
     def _remember(self, key: bytes) -> None:
-        """Keep the head llhttp just parsed from `key` in _HEADS if its body is framed by
-        Content-Length: a final response, not to HEAD, without Transfer-Encoding."""
-        head = self._head
-        if (head is None or head.content_length is None or self._err is not None
-                or self._method_head or head.status < 200  # interim or 101
-                or head.status in _NO_BODY_STATUS):
+        """Keep the final head llhttp just parsed from `key` (not an answer to HEAD: see
+        _feed_heads) in _HEADS if its body is framed by Content-Length."""
+        head = self._head  # None after an interim head
+        if (head is None or head.content_length is None
+                or head.status < 200 or head.status in _NO_BODY_STATUS):  # 101, 204, 304
             return
         if len(_HEADS) >= _HEADS_LIMIT:
             _HEADS.clear()  # the heads still in use come back on their next miss
@@ -478,12 +479,9 @@ class ResponseParser(LlhttpOwner):
         version = self._version or _VERSIONS.get(p.get_http_version())
         if version is None:
             self._fail("unsupported HTTP version")
-        if len(self._passed) // 4 + len(self._hop) > self._max_headers:
-            self._fail("too_many_headers")
-        # The field lines' size, as the request side counts it: the head minus the status
-        # line ("HTTP/1.1 200 " + reason + CRLF, bounded in on_status) and the blank line.
-        if self._head_len - len(self._reason) - 17 > self._max_hdr:
-            self._fail("header_too_large")
+        over = self._over_limit(self._passed, self._hop, self._head_len, self._reason)
+        if over:
+            self._fail(over)
         status = p.get_status_code()
         chunked = self._chunked
         cl = self._cl
@@ -520,6 +518,18 @@ class ResponseParser(LlhttpOwner):
             if cl:  # counted by _count_body from here on; llhttp completes a 0 itself
                 self._left = cl
                 self._unfed = cl >= _UNFED_BODY
+
+    def _over_limit(self, passed: list[bytes], hop: list[tuple[int, bytes, bytes]],
+                    head_len: int, reason: bytes) -> str:
+        """Which of this parser's head limits a complete head breaks ("" if none): the
+        field count, and the field lines' size as the request side counts it, i.e. the
+        head minus the status line ("HTTP/1.1 200 " + reason + CRLF, bounded in
+        on_status) and the blank line."""
+        if len(passed) // 4 + len(hop) > self._max_headers:
+            return "too_many_headers"
+        if head_len - len(reason) - 17 > self._max_hdr:
+            return "header_too_large"
+        return ""
 
     def _persistent(self, version: bytes) -> bool:
         """RFC 9112 section 9.3, computed here for bodiless responses llhttp misjudges
