@@ -95,7 +95,7 @@ def _pieces() -> dict[str, Callable[[], object]]:
     """name → one call of the piece (set up outside the call)."""
     from gatewayd.workers.accesslog import AccessLog
     from gatewayd.workers.http1 import RequestHead, RequestParser, ResponseHead, ResponseParser
-    from gatewayd.workers.logline import FIELDS, json_line
+    from gatewayd.workers.logline import FIELDS, LineMemo, json_line
     from gatewayd.workers.record import RequestRecord
     from gatewayd.workers.stats import Stats
 
@@ -162,8 +162,9 @@ def _pieces() -> dict[str, Callable[[], object]]:
 
     values = tuple(0 if name in ("client_port", "status", "backend_status", "bytes_received",
                                  "bytes_sent") else 0.001 if name.endswith("_time") or
-                   name == "duration" else name for name in FIELDS)
-    log_on.write(values, 0.0)
+                   name == "duration" else 1764460800.0 if name == "time" else name
+                   for name in FIELDS)
+    log_on.write(values, LineMemo())
     log_on.flush()  # the thread pool's start (once per worker) is not a request's cost
     return {
         "request-parse": lambda: request_parser.feed(REQUEST),

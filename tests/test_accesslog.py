@@ -10,6 +10,8 @@ from gatewayd.workers.logline import FIELDS
 from tests.support.gateway import Gateway, simple_spec
 from tests.support.procs import https_get, wait_for
 
+_INTS = {"client_port", "status", "backend_status", "bytes_received", "bytes_sent"}
+
 
 def test_json_record_has_every_field_with_the_right_values(tmp_path: Path, pki,
                                                            backend_factory) -> None:
@@ -64,14 +66,17 @@ def test_fast_json_lines_equal_json_dumps() -> None:
     and int byte for byte; the times (tiny to huge, None where a timing may be missing)
     with six decimals, parsing back to the value rounded to the microsecond.  The time
     stamp and the request id are the gateway's own ASCII, written as they are (not
-    quoted): they get values of their real form."""
+    quoted): they get values of their real form.  Half the lines are written with a
+    connection's memo of its last line, records following one another as a connection's
+    do (most values the last record's), so that every group is hit and missed."""
     import json
     import random
+    import time
 
-    from gatewayd.workers.logline import json_line
+    from gatewayd.workers.logline import LineMemo, json_line
 
     rng = random.Random(7)
-    ints = {"client_port", "status", "backend_status", "bytes_received", "bytes_sent"}
+    ints = _INTS
     floats = {"duration", "backend_connect_time", "backend_first_byte_time"}
 
     def text() -> str:
@@ -92,12 +97,12 @@ def test_fast_json_lines_equal_json_dumps() -> None:
         return fresh_value(name)
 
     def fresh_value(name: str) -> object:
-        if name == "time":
-            return f"2026-11-{rng.randint(1, 30):02d}T{rng.randint(0, 23):02d}:00:00.123Z"
+        if name == "time":  # any day of 2026, to the microsecond
+            return 1767225600.0 + rng.randint(0, 365 * 86400 * 10 ** 6) / 10 ** 6
         if name == "request_id":
             return rng.randbytes(16).hex()
-        if name in ints:
-            return rng.randint(0, 10 ** 12)
+        if name in ints:  # half of them below 1000, where texts come from tables
+            return rng.randint(0, 999 if rng.random() < 0.5 else 10 ** 12)
         if name in floats:
             if name != "duration" and rng.random() < 0.3:
                 return None
@@ -105,13 +110,28 @@ def test_fast_json_lines_equal_json_dumps() -> None:
         return text()
 
     def expected_text(name: str, v: object) -> str:
+        if name == "time":
+            assert isinstance(v, float)
+            millis = int(v * 1000)
+            second = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(millis // 1000))
+            return json.dumps(f"{second}.{millis % 1000:03d}Z")
         if name in floats:
             return "null" if v is None else f"{v:.6f}"
         return json.dumps(v)
 
-    for _ in range(3000):
+    memo = LineMemo()
+    last = tuple(value(name) for name in FIELDS)
+    hits = 0
+    for _ in range(6000):
         values = tuple(value(name) for name in FIELDS)
-        line = json_line(values)
+        if rng.random() < 0.5:
+            values = tuple(old if rng.random() < 0.95 else new
+                           for old, new in zip(last, values, strict=True))
+            hits += values[2:11] == memo.peer
+            line = json_line(values, memo)
+        else:
+            line = json_line(values)
+        last = values
         expected = "{" + ",".join(f"{json.dumps(name)}:{expected_text(name, v)}"
                                   for name, v in zip(FIELDS, values, strict=True)) + "}\n"
         assert line == expected
@@ -119,15 +139,18 @@ def test_fast_json_lines_equal_json_dumps() -> None:
         parsed = json.loads(line)
         assert list(parsed) == list(FIELDS)
         for name, v in zip(FIELDS, values, strict=True):
-            if name in floats and v is not None:
+            if name == "time":
+                assert parsed[name] == json.loads(expected_text(name, v))
+            elif name in floats and v is not None:
                 assert isinstance(v, float)
                 assert parsed[name] == round(v, 6), (name, v, parsed[name])
             else:
                 assert parsed[name] == v
+    assert hits > 300  # the memo's pieces were used, not only made
 
     def duration_text(duration: float) -> str:
         values = tuple(duration if name == "duration" else None if name in floats else
-                       0 if name in ints else "" for name in FIELDS)
+                       0 if name in ints else 0.0 if name == "time" else "" for name in FIELDS)
         found = re.search(r'"duration":([^,]*),', json_line(values))
         assert found
         return found.group(1)
@@ -148,18 +171,28 @@ def test_fast_json_lines_equal_json_dumps() -> None:
         assert duration_text(v) == f"{v:.6f}", v
 
 
+def _time_field(started: float) -> str:
+    """The "time" a JSON line writes for a record that started at `started`."""
+    import json
+
+    from gatewayd.workers.logline import FIELDS, json_line
+
+    values = tuple(started if name == "time" else None if name.endswith("_time") else
+                   0.0 if name == "duration" else 0 if name in _INTS else ""
+                   for name in FIELDS)
+    return str(json.loads(json_line(values))["time"])
+
+
 def test_log_timestamp_is_iso_8601_with_milliseconds() -> None:
     """The record's time stamp (strftime once a second, the milliseconds from a table) is
     what a full strftime writes, across second boundaries and back in time."""
     import time
-
-    from gatewayd.workers.record import _timestamp
 
     start = 1764460800.0  # 2025-11-30T00:00:00Z
     for started in [start + k * 0.0137 for k in range(300)] + [
             start - 0.0005, start + 59.9995, start + 86399.999, start - 3600.25, start + 0.0]:
         millis = int(started * 1000)
         expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(millis // 1000))
-        assert _timestamp(started) == f"{expected}.{millis % 1000:03d}Z", started
-    assert _timestamp(start + 1.5) == "2025-11-30T00:00:01.500Z"
-    assert _timestamp(start - 0.001) == "2025-11-29T23:59:59.999Z"
+        assert _time_field(started) == f"{expected}.{millis % 1000:03d}Z", started
+    assert _time_field(start + 1.5) == "2025-11-30T00:00:01.500Z"
+    assert _time_field(start - 0.001) == "2025-11-29T23:59:59.999Z"

@@ -19,7 +19,7 @@ from typing import Any, Final
 import gevent
 from gevent.hub import get_hub
 
-from .logline import combined_line, json_line
+from .logline import LineMemo, combined_line, json_line
 
 FLUSH_INTERVAL: Final = 0.1
 MAX_PENDING: Final = 1 << 20  # bytes queued before new lines are dropped (and counted)
@@ -62,15 +62,16 @@ class AccessLog:
     def enabled(self) -> bool:
         return self._target != "off"
 
-    def write(self, record: tuple[Any, ...], started: float) -> None:
-        """Queue one record: the values of logline.FIELDS, in that order."""
+    def write(self, record: tuple[Any, ...], memo: LineMemo) -> None:
+        """Queue one record: the values of logline.FIELDS, in that order; `memo` is its
+        connection's (see logline.LineMemo)."""
         if self._pending_bytes > MAX_PENDING:
             self.dropped += 1
             return
         if self._json:  # ASCII by construction (every string is quoted with \u escapes):
-            data = json_line(record).encode()  # a plain copy, no error handler to set up
+            data = json_line(record, memo).encode()  # a plain copy, no error handler to set up
         else:
-            data = combined_line(record, started).encode("utf-8", "replace")
+            data = combined_line(record).encode("utf-8", "replace")
         self._pending.append(data)
         self._pending_bytes += len(data)
 

@@ -45,6 +45,7 @@ from .http1 import (
     ResponseHead,
     ResponseParser,
 )
+from .logline import LineMemo
 from .record import RequestRecord, handshake_error_reason
 from .stats import Stats
 from .tlsio import (
@@ -183,6 +184,7 @@ class Connection:
         # What this connection asserts to backends, by listener: made once, and only the
         # request's own values (id, Host) are set on it per request (see _forward_context)
         self._forwarding: dict[str, ForwardContext] = {}
+        self.log_memo = LineMemo()  # the access log's pieces of this connection's last line
 
     # -- connection lifecycle -------------------------------------------------------
 

@@ -5,7 +5,7 @@ never disagree)."""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from gatewayd import forwarding
 from gatewayd.rewrites import CompiledRewriteSet, RequestVariables
@@ -133,7 +133,7 @@ class RequestRecord:
             cert_verify, cert_subject = cert.verify, cert.subject
             cert_issuer, cert_fingerprint = cert.issuer, cert.fingerprint
         log.write((  # logline.FIELDS, in that order
-            _timestamp(self.started), self.request_id, conn.client_ip, conn.client_port,
+            self.started, self.request_id, conn.client_ip, conn.client_port,
             self.listener, self.rule, self.path_rule, self.backend_pool,
             self.backend_settings, self.backend, method, self.uri_text(), host, version,
             self.status, self.backend_status, self.bytes_received, self.bytes_sent,
@@ -141,22 +141,4 @@ class RequestRecord:
             conn.tls_protocol, conn.tls_cipher, conn.sni or "", user_agent,
             self.error_info, self.redirect, cert_verify, cert_subject, cert_issuer,
             cert_fingerprint,
-        ), self.started)
-
-
-_second: Final[list[Any]] = [-1, ""]  # the last whole second formatted, and its text
-
-
-def _timestamp(started: float) -> str:
-    """ISO 8601 with milliseconds, UTC; strftime runs once a second, not per request.
-    The second and the milliseconds both come from one integer count of milliseconds
-    (integer arithmetic, compiled to C; a float `% 1` is a call)."""
-    millis = int(started * 1000.0)
-    second = millis // 1000
-    if second != _second[0]:
-        _second[0], _second[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return _second[1] + _MILLIS[millis % 1000]
-
-
-# ".000Z" to ".999Z": an f-string's format spec compiles to a method call (see logline)
-_MILLIS: Final = tuple(f".{ms:03d}Z" for ms in range(1000))
+        ), conn.log_memo)
