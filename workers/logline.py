@@ -17,8 +17,9 @@ so the literal keys travel inside the pieces next to them, and what repeats from
 to request is rendered once and looked up after: the fields of a connection's peer, route
 and method, of Host and version, of its TLS and of its client certificate, each as one
 piece (`_fields`); numbers below 1000 with the key that follows them (`_Then`); the
-time's second, with the line's opening.  The request's URI and User-Agent are quoted
-every time.  The request id is the gateway's own hex and is not quoted at all.
+time's second, with the line's opening.  Each connection keeps the groups of its last
+line (`LineMemo`): its next request mostly repeats them all.  The request's URI is
+quoted every time; the request id is the gateway's own hex and is not quoted at all.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ FIELDS: Final = (
 )
 
 _quote: Final = encode_basestring_ascii
-# value → its JSON string.  Emptied when full rather than left full: a client sending
-# endless new Host values must not leave the configured names unremembered for good.
+# The size of each cache of rendered pieces below.  A full cache is emptied rather than
+# left full: a client sending endless new Host values must not leave the configured names
+# unremembered for good.
 _QUOTED_LIMIT: Final = 4096
 
 
@@ -83,6 +85,7 @@ _NO_CERT: Final = "," + ",".join(f'"{name}":""' for name in _CERT_NAMES) + "}\n"
 # sub-second time is two table entries: "0.ddd" (its milliseconds) and "ddd".
 _INT_TEXT: Final = tuple(str(n) for n in range(1000))  # also the metrics' status labels
 _MILLI_TEXT: Final = tuple("0.%03d" % n for n in range(1000))  # noqa: UP031
+_THREE_DIGITS: Final = tuple("%03d" % n for n in range(1000))  # noqa: UP031
 # How far from a half a scaled time must be for its rounding to be beyond doubt: the
 # product below is within an ulp (< 2e-10 under 1e6) of the exact one.
 _ROUNDING_MARGIN: Final = 1e-9
@@ -112,11 +115,9 @@ class _Then:
         return text
 
 
-_THREE_DIGITS: Final = tuple("%03d" % n for n in range(1000))  # noqa: UP031
-
 
 def _int_then(then: _Then, value: int) -> str:
-    """str(value) + then.after"""
+    """str(value) + then.after, looked up below 1000."""
     if 0 <= value < 1000:
         return then.text(value)
     return str(value) + then.after
