@@ -96,10 +96,16 @@ def _pieces() -> dict[str, Callable[[], object]]:
     from gatewayd.workers.accesslog import AccessLog
     from gatewayd.workers.http1 import RequestHead, RequestParser, ResponseHead, ResponseParser
     from gatewayd.workers.logline import FIELDS, LineMemo, json_line
+    from gatewayd.workers.proxy import _client_head
     from gatewayd.workers.record import RequestRecord
     from gatewayd.workers.stats import Stats
 
-    from gatewayd.forwarding import ForwardContext, passed_response_head, upstream_request_head
+    from gatewayd.forwarding import (
+        ForwardContext,
+        content_length_field,
+        passed_response_head,
+        upstream_request_head,
+    )
 
     request_parser = RequestParser(max_request_line=8192, max_header_bytes=32768,
                                    max_headers=100, max_body_bytes=0)
@@ -175,6 +181,8 @@ def _pieces() -> dict[str, Callable[[], object]]:
         "client-head": lambda: passed_response_head(
             resp.status, resp.reason, resp.passed, resp.connection, (), b"Content-Length: 100",
             False),
+        "client-head (remembered backend head)": lambda: _client_head(
+            resp, [], content_length_field(100), False, False),
         "record (log off)": lambda: record(log_off),
         "record (json log on)": lambda: record(log_on),
         "stats": stats_updates,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from gatewayd.workers.logline import FIELDS
 
 from tests.support.gateway import Gateway, simple_spec
@@ -196,3 +197,39 @@ def test_log_timestamp_is_iso_8601_with_milliseconds() -> None:
         assert _time_field(started) == f"{expected}.{millis % 1000:03d}Z", started
     assert _time_field(start + 1.5) == "2025-11-30T00:00:01.500Z"
     assert _time_field(start - 0.001) == "2025-11-29T23:59:59.999Z"
+
+
+def test_queued_lines_are_written_whole_and_pipe_writes_stay_atomic(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queued lines are written in batches: every byte arrives, in order, and no write
+    to a pipe exceeds PIPE_BUF or splits a line (so that the lines of workers sharing a
+    pipe never interleave)."""
+    import fcntl
+    import os
+    import random
+    import select
+
+    from gatewayd.workers import accesslog
+
+    rng = random.Random(5)
+    lines = [(("x" * rng.randint(0, 900)) + rng.choice(["", "é", "€", "\U0001f600"])
+              * rng.randint(0, 300) + "\n").encode() for _ in range(200)]
+    expected = b"".join(lines)
+    writes: list[bytes] = []
+    real_write_all = accesslog._write_all
+
+    def spy(fd: int, data: bytes) -> None:  # the real write, with its size seen
+        writes.append(data)
+        real_write_all(fd, data)
+
+    monkeypatch.setattr(accesslog, "_write_all", spy)
+    read_end, write_end = os.pipe()
+    try:  # room for every line, so that no reader is needed while writing
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 1 << 20)
+        accesslog.AccessLog._write_lines(write_end, lines, True)
+        os.close(write_end)
+        received = b"".join(iter(lambda: os.read(read_end, 1 << 16), b""))
+    finally:
+        os.close(read_end)
+    assert received == expected and len(expected) > 20 * select.PIPE_BUF
+    assert all(len(w) <= select.PIPE_BUF and w.endswith(b"\n") for w in writes)

@@ -803,6 +803,45 @@ def test_a_head_to_head_is_not_taken_from_memory(
     assert not p.counting
 
 
+def test_a_remembered_heads_client_head_is_remembered_for_its_inputs(
+        no_remembered_heads: dict[bytes, ResponseHead]) -> None:
+    """The head sent to the client is made once per remembered backend head and set of
+    inputs (framing, close, keep-alive announcement), and equals a fresh one every
+    time, whatever order the inputs come in; fields the gateway adds bypass it."""
+    import random
+
+    from gatewayd.workers.proxy import _client_head
+
+    from gatewayd import forwarding
+
+    wire = (b"HTTP/1.1 200 OK\r\nServer: t\r\nConnection: keep-alive, x-hop\r\n"
+            b"X-Hop: 1\r\nETag: \"a\"\r\nContent-Length: 3\r\n\r\nabc")
+    parser = ResponseParser(request_method=b"GET")
+    first = parser.feed(wire)[0]
+    parser.next_response(b"GET")
+    resp = parser.feed(wire)[0]
+    assert isinstance(resp, ResponseHead) and resp is first  # remembered
+    rng = random.Random(3)
+    cookie = [(b"Set-Cookie", b"affinity=1")]
+    made: dict[tuple[object, ...], bytes] = {}
+    reused = 0
+    for _ in range(300):
+        framing = rng.choice([forwarding.content_length_field(3), b"Content-Length: 3", None])
+        close, announce = rng.random() < 0.5, rng.random() < 0.5
+        extra = cookie if rng.random() < 0.2 else []
+        data = _client_head(resp, extra, framing, close, announce)
+        assert data == forwarding.passed_response_head(
+            resp.status, resp.reason, resp.passed, resp.connection, extra, framing, close,
+            announce_keep_alive=announce)
+        assert b"X-Hop" not in data and (b"affinity=1" in data) == bool(extra)
+        key = (id(framing), close, announce, bool(extra))
+        reused += made.get(key) is data
+        made[key] = data
+        repeat = _client_head(resp, extra, framing, close, announce)
+        assert repeat == data and (repeat is data) == (not extra)
+    assert reused > 10
+
+
 def test_the_head_memory_is_bounded(no_remembered_heads: dict[bytes, ResponseHead]) -> None:
     from gatewayd.workers.http1 import response
 

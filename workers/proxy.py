@@ -152,6 +152,28 @@ class _Abort(Exception):
     """Stop serving this connection (already answered or unanswerable)."""
 
 
+def _client_head(resp: ResponseHead, extra: list[tuple[bytes, bytes]],
+                 framing: bytes | None, close: bool, announce: bool) -> bytes:
+    """`forwarding.passed_response_head` of `resp`, remembered on it (`resp.sent`) when
+    the gateway adds no fields of its own.  A backend's head seen before is the same
+    object (http1/response.py remembers heads by their bytes), so its client head is a
+    look-up too; a head met once pays four stores."""
+    if extra:
+        return forwarding.passed_response_head(
+            resp.status, resp.reason, resp.passed, resp.connection, extra, framing, close,
+            announce_keep_alive=announce)
+    sent = resp.sent
+    # `is` for the framing line: content_length_field hands out one object per length
+    # (a different object with equal bytes only makes the head again)
+    if sent is not None and sent[0] is framing and sent[1] == close and sent[2] == announce:
+        return sent[3]
+    data = forwarding.passed_response_head(
+        resp.status, resp.reason, resp.passed, resp.connection, (), framing, close,
+        announce_keep_alive=announce)
+    resp.sent = (framing, close, announce, data)
+    return data
+
+
 class Connection:
     """Serves one accepted client socket until it closes."""
 
@@ -736,10 +758,8 @@ class Connection:
             framing, keep = None, False  # HTTP/1.0 client: delimit by closing
         out: list[Chunk]
         if record.rewrite is None:  # the backend's fields go on as the parser sorted them
-            out = [forwarding.passed_response_head(
-                resp.status, resp.reason, resp.passed, resp.connection,
-                record.add_response_headers, framing, not keep,
-                announce_keep_alive=head.version == b"1.0")]
+            out = [_client_head(resp, record.add_response_headers, framing, not keep,
+                                head.version == b"1.0")]
         else:
             headers = record.rewrite[0].rewrite_response(record.rewrite[1], resp.headers)
             out = [forwarding.client_response_head(

@@ -73,6 +73,11 @@ class ResponseHead:
     chunked: bool
     content_length: int | None
     until_eof: bool
+    # The head the proxy made from this one for a client (workers/proxy.py, _client_head),
+    # with what it depended on besides this head: (framing line, close, announce
+    # keep-alive, the bytes).  A head remembered by its bytes comes back as this very
+    # object, and the client's head with it.
+    sent: tuple[bytes | None, bool, bool, bytes] | None
 
     def __init__(self, status: int, reason: bytes, version: bytes, passed: list[bytes],
                  hop_fields: list[tuple[int, bytes, bytes]], connection: list[bytes],
@@ -88,6 +93,7 @@ class ResponseHead:
         self.chunked = chunked
         self.content_length = content_length
         self.until_eof = until_eof
+        self.sent = None
 
     @property
     def headers(self) -> list[tuple[bytes, bytes]]:
