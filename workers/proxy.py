@@ -157,7 +157,7 @@ def _client_head(resp: ResponseHead, extra: list[tuple[bytes, bytes]],
     """`forwarding.passed_response_head` of `resp`, remembered on it (`resp.sent`) when
     the gateway adds no fields of its own.  A backend's head seen before is the same
     object (http1/response.py remembers heads by their bytes), so its client head is a
-    look-up too; a head met once pays four stores."""
+    look-up too; a head met once pays one tuple and a store."""
     if extra:
         return forwarding.passed_response_head(
             resp.status, resp.reason, resp.passed, resp.connection, extra, framing, close,
