@@ -72,7 +72,6 @@ def test_fast_json_lines_equal_json_dumps() -> None:
     do (most values the last record's), so that every group is hit and missed."""
     import json
     import random
-    import time
 
     from gatewayd.workers.logline import LineMemo, json_line
 
@@ -113,9 +112,7 @@ def test_fast_json_lines_equal_json_dumps() -> None:
     def expected_text(name: str, v: object) -> str:
         if name == "time":
             assert isinstance(v, float)
-            millis = int(v * 1000)
-            second = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(millis // 1000))
-            return json.dumps(f"{second}.{millis % 1000:03d}Z")
+            return json.dumps(_iso_millis(v))
         if name in floats:
             return "null" if v is None else f"{v:.6f}"
         return json.dumps(v)
@@ -172,6 +169,16 @@ def test_fast_json_lines_equal_json_dumps() -> None:
         assert duration_text(v) == f"{v:.6f}", v
 
 
+def _iso_millis(started: float) -> str:
+    """What the log's "time" must read for a record started at `started`: a full
+    strftime of its whole second, and its milliseconds (truncated)."""
+    import time
+
+    millis = int(started * 1000)
+    second = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(millis // 1000))
+    return f"{second}.{millis % 1000:03d}Z"
+
+
 def _time_field(started: float) -> str:
     """The "time" a JSON line writes for a record that started at `started`."""
     import json
@@ -187,14 +194,11 @@ def _time_field(started: float) -> str:
 def test_log_timestamp_is_iso_8601_with_milliseconds() -> None:
     """The record's time stamp (strftime once a second, the milliseconds from a table) is
     what a full strftime writes, across second boundaries and back in time."""
-    import time
 
     start = 1764460800.0  # 2025-11-30T00:00:00Z
     for started in [start + k * 0.0137 for k in range(300)] + [
             start - 0.0005, start + 59.9995, start + 86399.999, start - 3600.25, start + 0.0]:
-        millis = int(started * 1000)
-        expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(millis // 1000))
-        assert _time_field(started) == f"{expected}.{millis % 1000:03d}Z", started
+        assert _time_field(started) == _iso_millis(started), started
     assert _time_field(start + 1.5) == "2025-11-30T00:00:01.500Z"
     assert _time_field(start - 0.001) == "2025-11-29T23:59:59.999Z"
 

@@ -158,19 +158,18 @@ def _client_head(resp: ResponseHead, extra: list[tuple[bytes, bytes]],
     the gateway adds no fields of its own.  A backend's head seen before is the same
     object (http1/response.py remembers heads by their bytes), so its client head is a
     look-up too; a head met once pays one tuple and a store."""
-    if extra:
-        return forwarding.passed_response_head(
-            resp.status, resp.reason, resp.passed, resp.connection, extra, framing, close,
-            announce_keep_alive=announce)
-    sent = resp.sent
-    # `is` for the framing line: content_length_field hands out one object per length
-    # (a different object with equal bytes only makes the head again)
-    if sent is not None and sent[0] is framing and sent[1] == close and sent[2] == announce:
-        return sent[3]
+    if not extra:
+        sent = resp.sent
+        # `is` for the framing line: content_length_field hands out one object per length
+        # (a different object with equal bytes only makes the head again)
+        if (sent is not None and sent[0] is framing and sent[1] == close
+                and sent[2] == announce):
+            return sent[3]
     data = forwarding.passed_response_head(
-        resp.status, resp.reason, resp.passed, resp.connection, (), framing, close,
+        resp.status, resp.reason, resp.passed, resp.connection, extra, framing, close,
         announce_keep_alive=announce)
-    resp.sent = (framing, close, announce, data)
+    if not extra:
+        resp.sent = (framing, close, announce, data)
     return data
 
 
