@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 #: which is ~500 requests at the bench's keep-alive rate.
 FLUSH_EVERY = 500
 REQUEST = b"GET /small HTTP/1.1\r\nHost: 127.0.0.1:8443\r\n\r\n"  # what wrk sends
+# what `openssl s_time` sends in the bench (bench/load.py): one request, then the close
+S_TIME_REQUEST = (b"GET /small HTTP/1.1\r\nHost: proxy.test\r\nConnection: close\r\n"
+                  b"X-Bench: s_time HTTP/1.0\r\n\r\n")
 RESPONSE = (  # what the bench's nginx answers for /small (100-byte body)
     b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Mon, 30 Nov 2026 03:00:00 GMT\r\n"
     b"Content-Type: application/octet-stream\r\nContent-Length: 100\r\n"
@@ -174,6 +177,11 @@ def _pieces() -> dict[str, Callable[[], object]]:
     log_on.flush()  # the thread pool's start (once per worker) is not a request's cost
     return {
         "request-parse": lambda: request_parser.feed(REQUEST),
+        "request-parser-new": lambda: RequestParser(
+            max_request_line=8192, max_header_bytes=32768, max_headers=100, max_body_bytes=0),
+        "request-parse (new parser; Connection: close)": lambda: RequestParser(
+            max_request_line=8192, max_header_bytes=32768, max_headers=100,
+            max_body_bytes=0).feed(S_TIME_REQUEST),
         "response-parse (pooled parser)": parse_response,
         "response-parse (head not seen before)": parse_unseen_response,
         "response-parser-new": lambda: ResponseParser(request_method=b"GET"),

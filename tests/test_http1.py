@@ -1167,3 +1167,32 @@ def test_event_queue_lets_go_of_taken_events() -> None:
     assert queue.take() is chunk and queue.take() is END
     del chunk
     assert alive() is None
+
+
+def test_ending_at_a_message_leaves_no_traceback_behind() -> None:
+    """Parsing that ends at a Connection: close request (no exception at all now) or at
+    bytes after a backend's final response (a new exception each time) keeps nothing
+    alive: one shared exception raised again and again carried a traceback that grew by
+    every raise, with the frames it holds, for the worker's life."""
+    import gc
+    import types
+
+    def tracebacks() -> int:
+        gc.collect()
+        return sum(1 for obj in gc.get_objects() if isinstance(obj, types.TracebackType))
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            request = RequestParser()
+            events = request.feed(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+                                  b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert isinstance(events[0], RequestHead) and events[1:] == [END]
+            assert events[0].target == b"/" and request.feed(b"GET / HTTP/1.1\r\n") == []
+            response = ResponseParser(request_method=b"GET")
+            response.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n")
+            assert response.extra
+
+    run(10)  # first-use caches
+    before = tracebacks()
+    run(300)
+    assert tracebacks() - before < 10

@@ -55,10 +55,10 @@ END: Final = EndOfMessage()
 
 
 class _Stop(Exception):
-    """Raised from a callback to make llhttp stop where we decided the stream ends."""
-
-
-_STOP: Final = _Stop()
+    """Raised from a callback to make llhttp stop where we decided the stream ends.
+    Raise a new instance every time: raising one shared instance again prepends the new
+    traceback entries to the ones it already carries, so its traceback (and the frames
+    it holds) would grow by every raise for the worker's life."""
 
 # parser states
 _IDLE: Final = 0  # between messages (llhttp may be skipping CRLFs)

@@ -14,7 +14,6 @@ from .common import (
     _HEAD,
     _IDLE,
     _OWS,
-    _STOP,
     _VERSIONS,
     END,
     EndOfMessage,
@@ -200,7 +199,7 @@ class RequestParser(LlhttpOwner):
             self._on_upgrade(data[upgrade.args[0]:])
         except _HttpParserError as exc:
             if self._err is None:
-                if self._closed:  # our _STOP after a non-persistent request: not an error
+                if self._closed:  # bytes after a non-persistent request: not parsed
                     return events
                 self._err = HttpError(400, "bad_request: " + str(exc))
             self._halt = True
@@ -445,8 +444,11 @@ class RequestParser(LlhttpOwner):
         self._events.append(END)
         self._state = _IDLE
         if not head.keep_alive:
+            # The connection ends with this request.  No exception is needed to stop
+            # llhttp here: after a message that does not keep the connection alive it
+            # parses nothing more (bytes after it fail with "Data after `Connection:
+            # close`", caught in feed), and `_halt` ignores every later feed.
             self._closed = self._halt = True
-            raise _STOP
 
     # ---- upgrade ------------------------------------------------------------------
 

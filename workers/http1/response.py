@@ -15,7 +15,6 @@ from .common import (
     _HEAD,
     _IDLE,
     _OWS,
-    _STOP,
     _VERSIONS,
     END,
     Chunk,
@@ -25,6 +24,7 @@ from .common import (
     _has_token,
     _HttpParserError,
     _HttpParserUpgrade,
+    _Stop,
 )
 
 _NO_BODY_STATUS: Final = frozenset((204, 304))
@@ -421,7 +421,7 @@ class ResponseParser(LlhttpOwner):
     def on_message_begin(self) -> None:
         if self._done:  # bytes after the final response's END
             self.extra = True
-            raise _STOP
+            raise _Stop()  # a new one each time: see _Stop
         self._between = False
         self._began = True
         self._state = _HEAD
