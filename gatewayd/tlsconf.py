@@ -16,7 +16,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -214,6 +214,7 @@ class BindTLS:
     accept_context: SSL.Context
     by_listener: dict[str, SSL.Context]
     verify: dict[str, ClientVerify]
+    switcher: SNISwitcher
 
 
 def bind_tls(router: BindRouter) -> BindTLS | None:
@@ -225,36 +226,81 @@ def bind_tls(router: BindRouter) -> BindTLS | None:
     default = router.certificate_listener(None)
     assert default is not None
     accept = server_context(default)  # its own object: the callback must be set before use
-    accept.set_tlsext_servername_callback(
-        _sni_switcher(router, by_listener, verify, verify[default.name].mode))
-    return BindTLS(accept_context=accept, by_listener=by_listener, verify=verify)
+    switcher = SNISwitcher(router, by_listener, verify, verify[default.name].mode)
+    accept.set_tlsext_servername_callback(switcher)
+    return BindTLS(accept_context=accept, by_listener=by_listener, verify=verify,
+                   switcher=switcher)
 
 
-def _sni_switcher(
-    router: BindRouter, by_listener: dict[str, SSL.Context], verify: dict[str, ClientVerify],
-    accept_mode: int,
-) -> Callable[[SSL.Connection], None]:
-    """OpenSSL runs the servername callback for every ClientHello, with or without SNI
-    (final_server_name in ssl/statem/extensions.c).  Switching the context does not
-    switch the connection's verify mode (it was copied from the accept context by
-    SSL_new), so the mode is set too, unless both are "no client certificate": pyOpenSSL
-    builds a new callback trampoline for every set_verify."""
-    def on_servername(conn: SSL.Connection) -> None:
+#: server names whose SNI decision is remembered per bind (names are client-chosen: the
+#: memo is emptied when full rather than grown)
+SNI_MEMO_SIZE: Final = 256
+
+
+@dataclass(frozen=True, slots=True)
+class SNIChoice:
+    """What the SNI callback decided for one ClientHello, left on the connection
+    (pyOpenSSL's app data) so the proxy need not ask OpenSSL and the router again:
+    `sni` is the name as text (None without SNI), `matched` the listener it names
+    (None: no match, the bind's default listener serves it), `context` the listener
+    whose context serves the handshake (None: no https listener, nothing switched)."""
+
+    sni: str | None
+    matched: str | None
+    context: str | None
+
+
+class SNISwitcher:
+    """The servername callback of a bind's accept context.
+
+    OpenSSL runs it for every ClientHello, with or without SNI (final_server_name in
+    ssl/statem/extensions.c).  Switching the context does not switch the connection's
+    verify mode (it was copied from the accept context by SSL_new), so the mode is set
+    too, unless both are "no client certificate": pyOpenSSL builds a new callback
+    trampoline for every set_verify.  The decision depends only on the name (the router
+    is fixed for a worker's life), so it is remembered by the name's bytes in `memo`;
+    the context and verify mode are looked up at each handshake, since a certificate hot
+    reload replaces them."""
+
+    __slots__ = ("accept_mode", "by_listener", "memo", "router", "verify")
+
+    def __init__(self, router: BindRouter, by_listener: dict[str, SSL.Context],
+                 verify: dict[str, ClientVerify], accept_mode: int) -> None:
+        self.router = router
+        self.by_listener = by_listener
+        self.verify = verify
+        self.accept_mode = accept_mode
+        self.memo: dict[bytes | None, SNIChoice] = {}
+
+    def __call__(self, conn: SSL.Connection) -> None:
         raw = conn.get_servername()
-        sni = raw.decode("ascii", "replace") if raw else None
-        chosen = router.listener_for_sni(sni) if sni else None
-        if chosen is None or chosen.protocol != "https":
-            chosen = router.certificate_listener(None)
-            if chosen is None:
-                return
-            if chosen.require_sni:
-                raise SNIRejected(sni or "")
-        conn.set_context(by_listener[chosen.name])
-        mode = verify[chosen.name]
-        if mode.mode != SSL.VERIFY_NONE or accept_mode != SSL.VERIFY_NONE:
+        choice = self.memo.get(raw)
+        if choice is None:
+            choice = self.choose(raw)
+            if len(self.memo) >= SNI_MEMO_SIZE:
+                self.memo.clear()
+            self.memo[raw] = choice
+        conn.set_app_data(choice)
+        name = choice.context
+        if name is None:
+            return
+        conn.set_context(self.by_listener[name])
+        mode = self.verify[name]
+        if mode.mode != SSL.VERIFY_NONE or self.accept_mode != SSL.VERIFY_NONE:
             conn.set_verify(mode.mode, mode.callback)
 
-    return on_servername
+    def choose(self, raw: bytes | None) -> SNIChoice:
+        """The router's decision for a server name (SNIRejected: refuse the handshake)."""
+        sni = raw.decode("ascii", "replace") if raw else None
+        chosen = self.router.listener_for_sni(sni) if sni else None
+        matched = chosen.name if chosen is not None else None
+        if chosen is None or chosen.protocol != "https":
+            chosen = self.router.certificate_listener(None)
+            if chosen is None:
+                return SNIChoice(sni, matched, None)
+            if chosen.require_sni:
+                raise SNIRejected(sni or "")
+        return SNIChoice(sni, matched, chosen.name)
 
 
 def check_certificate_pair(listener: Listener, certificate: CertificateFile) -> SSL.Context:

@@ -11,6 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
 
 from gatewayd.clientcert import NO_CERTIFICATE, describe, normalize_dn
 from gatewayd.config import ConfigError, load_config_text
@@ -19,6 +20,8 @@ from gatewayd.model import Address, Listener, Redirect, RewriteCondition, Rewrit
 from gatewayd.redirects import check_target_url, compile_redirect
 from gatewayd.rewrites import CompiledRewriteSet, RequestVariables, parse_template
 from gatewayd.routing import BindRouter, Router, RoutingError
+from gatewayd.tlsconf import SNI_MEMO_SIZE, BindTLS, SNIChoice, bind_tls
+from tests.support.gateway import GatewaySpec
 
 # -- redirects ----------------------------------------------------------------------------
 
@@ -316,3 +319,101 @@ def test_error_pages_listener_over_global(tmp_path: Path) -> None:
     assert pages.page("secure", 502) == b"<h1>global 502</h1>"
     assert pages.page(None, 404) == b"<h1>global 404</h1>"
     assert pages.page("web", 503) is None
+
+
+# -- SNI: the callback's decision, remembered by name ---------------------------------------
+
+
+def _sni_bind(tmp_path: Path, pki) -> tuple[BindTLS, dict[str, x509.Certificate]]:
+    """Two https listeners on one bind: "shop" (shop.example.test) and "basic" (no host
+    names: it answers anything else, and handshakes without SNI)."""
+    port = 18443
+    certs = {name: pki.issue([f"{name}.example.test"], stem=name) for name in ("shop", "basic")}
+    spec = GatewaySpec(
+        server={"workers": 1, "runtime_dir": str(tmp_path / "run")},
+        listeners=[{"name": name, "bind": f"127.0.0.1:{port}", "protocol": "https",
+                    "certificate": str(leaf.cert_path), "private_key": str(leaf.key_path),
+                    **({"host_names": ["shop.example.test"]} if name == "shop" else {})}
+                   for name, leaf in certs.items()],
+        pools=[{"name": "app", "servers": ["127.0.0.1:9000"]}],
+        settings=[{"name": "app-tls", "protocol": "https", "trusted_root_certificates":
+                   [str(pki.ca_pem_path)]}],
+        rules=[{"name": name, "priority": 10 + i, "listener": name, "backend_pool": "app",
+                "backend_settings": "app-tls"} for i, name in enumerate(certs)])
+    config = load_config_text(spec.render(), source="test", base_dir=str(tmp_path))
+    tls = bind_tls(Router(config).for_bind(Address("127.0.0.1", port)))
+    assert tls is not None
+    return tls, {name: leaf.cert for name, leaf in certs.items()}
+
+
+def _handshake(tls: BindTLS, sni: bytes | None) -> tuple[SSL.Connection, x509.Certificate]:
+    """A real TLS handshake over memory BIOs: the server side and the certificate the
+    client was shown."""
+    server = SSL.Connection(tls.accept_context, None)
+    server.set_accept_state()
+    client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+    if sni is not None:
+        client.set_tlsext_host_name(sni)
+    client.set_connect_state()
+    done = {server: False, client: False}
+    for _ in range(20):
+        for side in (client, server):
+            if not done[side]:
+                try:
+                    side.do_handshake()
+                    done[side] = True
+                except SSL.WantReadError:
+                    pass
+        for src, dst in ((client, server), (server, client)):
+            try:
+                dst.bio_write(src.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+        if all(done.values()):
+            peer = client.get_peer_certificate()
+            assert peer is not None
+            return server, peer.to_cryptography()
+    raise AssertionError("handshake did not finish")
+
+
+def test_sni_choice_is_left_on_the_connection_and_remembered(tmp_path: Path, pki) -> None:
+    tls, certs = _sni_bind(tmp_path, pki)
+    cases = [(b"shop.example.test", SNIChoice("shop.example.test", "shop", "shop"), "shop"),
+             (None, SNIChoice(None, None, "basic"), "basic"),
+             (b"other.test", SNIChoice("other.test", None, "basic"), "basic"),
+             (b"basic.example.test", SNIChoice("basic.example.test", None, "basic"), "basic")]
+    first: dict[bytes | None, object] = {}
+    for _round in range(2):
+        for sni, expected, listener in cases:
+            server, shown = _handshake(tls, sni)
+            choice = server.get_app_data()
+            assert choice == expected
+            assert server.get_context() is tls.by_listener[listener]
+            assert shown == certs[listener]
+            # the second round reuses the first round's decision (the memo) ...
+            assert first.setdefault(sni, choice) is choice
+    # ... while the context is looked up at every handshake: a certificate hot reload
+    # (a new context in by_listener) serves the next handshake for a remembered name.
+    tls.by_listener["shop"] = tls.by_listener["basic"]
+    server, shown = _handshake(tls, b"shop.example.test")
+    assert server.get_app_data() is first[b"shop.example.test"]
+    assert shown == certs["basic"]
+
+
+def test_sni_memo_is_bounded_and_stays_right(tmp_path: Path, pki) -> None:
+    """Client-chosen names cannot grow the memo without bound: it is emptied when full,
+    and decisions after that are still the router's."""
+    tls, certs = _sni_bind(tmp_path, pki)
+    carrier = SSL.Connection(tls.accept_context, None)  # a connection to leave choices on
+    names = [f"n{i}.test".encode() for i in range(SNI_MEMO_SIZE + 5)] + [b"shop.example.test"]
+    for raw in names:
+        carrier.get_servername = lambda raw=raw: raw  # type: ignore[method-assign]
+        tls.switcher(carrier)
+        shop = raw.startswith(b"shop")
+        assert carrier.get_app_data() == SNIChoice(raw.decode(), "shop" if shop else None,
+                                                   "shop" if shop else "basic")
+        assert carrier.get_context() is tls.by_listener["shop" if shop else "basic"]
+        assert 0 < len(tls.switcher.memo) <= SNI_MEMO_SIZE
+    assert len(tls.switcher.memo) == 6  # emptied once, at SNI_MEMO_SIZE names
+    _, shown = _handshake(tls, b"shop.example.test")
+    assert shown == certs["shop"]

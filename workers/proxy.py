@@ -31,7 +31,7 @@ from gatewayd.routing import (
     Target,
     normalize_target,
 )
-from gatewayd.tlsconf import BindTLS
+from gatewayd.tlsconf import BindTLS, SNIChoice
 
 from .accesslog import AccessLog
 from .balancer import Balancer
@@ -49,6 +49,7 @@ from .logline import LineMemo
 from .record import RequestRecord, handshake_error_reason
 from .stats import Stats
 from .tlsio import (
+    TLS_HANDSHAKE_RECORD,
     PlainStream,
     Stream,
     StreamClosed,
@@ -73,7 +74,6 @@ IDEMPOTENT: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b
 DRAIN_IDLE_GRACE: Final = 1.0
 CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 KEEP_ALIVE_10: Final = ((b"Connection", b"keep-alive"),)
-TLS_HANDSHAKE_RECORD: Final = 0x16  # the first byte of every ClientHello (RFC 8446 §5.1)
 PLAIN_HTTP_ON_TLS_PORT: Final = (
     b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 46\r\n"
     b"Connection: close\r\n\r\nThe plain HTTP request was sent to HTTPS port.\n"
@@ -98,6 +98,14 @@ class BindContext:
     router: BindRouter
     tls: BindTLS | None
     routes: dict[tuple[bytes, str | None, bytes], RoutePlan] = field(default_factory=dict)
+    #: the metrics label of a connection no SNI names a listener for: the listener whose
+    #: certificate answers without SNI, else the bind's first (found once, not per connection)
+    default_label: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.default_label:
+            default = self.router.certificate_listener(None) or self.router.listeners[0]
+            self.default_label = default.name
 
 
 @dataclass(slots=True, frozen=True)
@@ -197,8 +205,7 @@ class Connection:
         self.tls_cipher = ""
         self.linger = False  # we close while the client may still be sending
         self.client_cert = NO_CERTIFICATE  # mutual TLS: set after the handshake
-        default = bind.router.certificate_listener(None) or bind.router.listeners[0]
-        self.listener_label = default.name  # metrics: the SNI-selected listener, if any
+        self.listener_label = bind.default_label  # metrics: the SNI-selected listener, if any
         # client byte counts by listener (Stats): the dicts themselves, one lookup less
         self._received = rt.stats.received_bytes
         self._sent = rt.stats.sent_bytes
@@ -245,17 +252,14 @@ class Connection:
         if tls is None:
             return PlainStream(self.sock)
         stream = TLSStream.server(self.sock, tls.accept_context)
-        limit = self.rt.server.tls_handshake_timeout
-        started = time.monotonic()
         try:
-            first = stream.peek(limit)
+            first = stream.accept(self.rt.server.tls_handshake_timeout)
             if not first:
                 stream.close()  # a TCP health check: connected, closed, said nothing
                 return None
             if first[0] != TLS_HANDSHAKE_RECORD:
                 self._not_tls(stream, first)
                 return None
-            stream.handshake(limit - (time.monotonic() - started))
         except TLSHandshakeFailed as exc:
             self._handshake_failed(stream, handshake_error_reason(exc.reason))
             return None
@@ -265,14 +269,20 @@ class Connection:
         except (StreamClosed, OSError):
             self._handshake_failed(stream, "reset")
             return None
-        raw = stream.conn.get_servername()
-        self.sni = raw.decode("ascii", "replace") if raw else None
-        if self.sni:
-            chosen = self.bind.router.listener_for_sni(self.sni)
+        conn = stream.conn
+        choice = conn.get_app_data()
+        if isinstance(choice, SNIChoice):  # what the SNI callback decided (every ClientHello)
+            self.sni = choice.sni
+            if choice.matched is not None:
+                self.listener_label = choice.matched
+        else:  # pragma: no cover - OpenSSL runs the callback for every handshake
+            raw = conn.get_servername()
+            self.sni = raw.decode("ascii", "replace") if raw else None
+            chosen = self.bind.router.listener_for_sni(self.sni) if self.sni else None
             if chosen is not None:
                 self.listener_label = chosen.name
-        self.tls_protocol = stream.conn.get_protocol_version_name()
-        self.tls_cipher = stream.conn.get_cipher_name() or ""
+        self.tls_protocol = stream.protocol_name()
+        self.tls_cipher = stream.cipher_name()
         if self.bind.router.has_client_auth:
             self.client_cert = self._client_certificate(stream)
         self.rt.stats.count("tls_handshakes", (self.listener_label, self.tls_protocol))

@@ -48,9 +48,20 @@ _SSL_read: Final = _lib.SSL_read
 _SSL_write: Final = _lib.SSL_write
 _SSL_get_error: Final = _lib.SSL_get_error
 _SSL_do_handshake: Final = _lib.SSL_do_handshake
+_SSL_shutdown: Final = _lib.SSL_shutdown
+_ERR_clear_error: Final = _lib.ERR_clear_error
+TLS_HANDSHAKE_RECORD: Final = 0x16  # the first byte of every ClientHello (RFC 8446 §5.1)
+_SSL_get_version: Final = _lib.SSL_get_version
+_SSL_get_current_cipher: Final = _lib.SSL_get_current_cipher
+_SSL_CIPHER_get_name: Final = _lib.SSL_CIPHER_get_name
+# OpenSSL names protocol versions and ciphers with static strings, so each name is
+# decoded once and then found by the address OpenSSL returns (pyOpenSSL's
+# get_protocol_version_name() and get_cipher_name() copy and decode them every time).
+_names: Final[dict[Any, str]] = {}
 _PEEK: Final = int(socket.MSG_PEEK)  # a plain int: socket.MSG_* are enum members
 _WANT_READ: Final = _lib.SSL_ERROR_WANT_READ
 _WANT_WRITE: Final = _lib.SSL_ERROR_WANT_WRITE
+_ZERO_RETURN: Final = _lib.SSL_ERROR_ZERO_RETURN
 _from_buffer: Final = _ffi.from_buffer
 _buffer: Final = _ffi.buffer
 _unpack: Final = _ffi.unpack
@@ -140,15 +151,19 @@ class Waiter(Protocol):
 
 
 class _Waiter:
-    """Two io watchers for one descriptor, and a timer, reused for every wait on it."""
+    """Two io watchers for one descriptor, and a timer, reused for every wait on it.
+    The write watcher is made on the first wait for room to write: most connections
+    never fill the socket's send buffer, and a watcher made and closed per connection
+    costs a couple of thousand instructions."""
 
-    __slots__ = ("_hub", "_loop", "_read", "_timer", "_timer_after", "_write")
+    __slots__ = ("_fd", "_hub", "_loop", "_read", "_timer", "_timer_after", "_write")
 
     def __init__(self, fd: int) -> None:
         self._hub = get_hub()
         loop = self._loop = self._hub.loop
+        self._fd = fd
         self._read = loop.io(fd, _READ)
-        self._write = loop.io(fd, _WRITE)
+        self._write: Any = None
         self._timer: Any = None
         self._timer_after = 0.0
 
@@ -161,7 +176,12 @@ class _Waiter:
         timer is kept: a repeating one, re-armed by `again` (libev's ev_timer_again: due
         `timeout` seconds from now) and stopped after the wait, instead of a new watcher
         made and closed per wait.  After anything but a normal wake-up it is dropped."""
-        watcher = self._read if events == _READ else self._write
+        if events == _READ:
+            watcher = self._read
+        else:
+            watcher = self._write
+            if watcher is None:
+                watcher = self._write = self._loop.io(self._fd, _WRITE)
         if timeout is None:
             self._hub.wait(watcher)
             return
@@ -189,8 +209,9 @@ class _Waiter:
         return timer
 
     def close(self) -> None:
-        for watcher in (self._read, self._write):
-            watcher.close()
+        self._read.close()
+        if self._write is not None:
+            self._write.close()
         if self._timer is not None:
             self._timer.close()
             self._timer = None
@@ -287,19 +308,55 @@ class TLSStream(Stream):
     def fileno(self) -> int:
         return self._fd
 
+    def protocol_name(self) -> str:
+        """The negotiated protocol version ("TLSv1.3"), as pyOpenSSL names it."""
+        pointer = _SSL_get_version(self._ssl)
+        name = _names.get(pointer)
+        if name is None:
+            name = _names[pointer] = _ffi.string(pointer).decode("utf-8")
+        return name
+
+    def cipher_name(self) -> str:
+        """The negotiated cipher's OpenSSL name; "" before a handshake completed."""
+        cipher = _SSL_get_current_cipher(self._ssl)
+        if cipher == _ffi.NULL:
+            return ""
+        name = _names.get(cipher)
+        if name is None:
+            name = _names[cipher] = _ffi.string(_SSL_CIPHER_get_name(cipher)).decode("utf-8")
+        return name
+
     def peek(self, timeout: float) -> bytes:
         """The first bytes the peer sent, left in the socket (b"" if it closed first):
         lets the server tell a TCP health check or plain HTTP from a TLS ClientHello
         before OpenSSL sees anything."""
         timer = self._waiter.deadline(timeout)
         try:
-            while True:
-                try:
-                    return self.sock.recv(16, _PEEK)
-                except BlockingIOError:
-                    self._waiter.wait(_READ, None)
-                except OSError as exc:
-                    raise StreamClosed(str(exc)) from exc
+            return self._peek()
+        finally:
+            timer.close()
+
+    def _peek(self) -> bytes:
+        while True:
+            try:
+                return self.sock.recv(16, _PEEK)
+            except BlockingIOError:
+                self._waiter.wait(_READ, None)
+            except OSError as exc:
+                raise StreamClosed(str(exc)) from exc
+
+    def accept(self, timeout: float) -> bytes:
+        """A server's start: peek() and, when the first byte starts a TLS handshake
+        record, handshake(), both within `timeout` seconds in total under one timer (a
+        timer made, started and closed costs a few thousand instructions a connection).
+        Returns the peeked bytes: b"" if the peer closed first; anything not starting
+        with a handshake record is left unread and the handshake not begun."""
+        timer = self._waiter.deadline(timeout)
+        try:
+            first = self._peek()
+            if first and first[0] == TLS_HANDSHAKE_RECORD:
+                self._handshake()
+            return first
         finally:
             timer.close()
 
@@ -307,29 +364,33 @@ class TLSStream(Stream):
         """Complete the handshake within `timeout` seconds in total (not per step), so a
         peer that trickles bytes cannot hold the connection longer.  Like recv(), it
         calls OpenSSL directly and leaves only failures to pyOpenSSL's translation."""
-        ssl = self._ssl
         timer = self._waiter.deadline(timeout)
         try:
-            while True:
-                result = _SSL_do_handshake(ssl)
-                if result == 1:
-                    self.conn._raise_ssl_error(ssl, result)  # a callback's stored exception
-                    return
-                error = _SSL_get_error(ssl, result)
-                if error == _WANT_READ:
-                    self._waiter.wait(_READ, None)
-                elif error == _WANT_WRITE:
-                    self._waiter.wait(_WRITE, None)
-                else:
-                    try:
-                        self.conn._raise_ssl_error(ssl, result)
-                    except SSL.SysCallError as sys_exc:
-                        raise TLSHandshakeFailed(_syscall_reason(sys_exc)) from sys_exc
-                    except SSL.Error as exc:
-                        raise TLSHandshakeFailed(_ssl_reason(exc)) from exc
-                    raise TLSHandshakeFailed("handshake_failure")
+            self._handshake()
         finally:
             timer.close()
+
+    def _handshake(self) -> None:
+        """handshake() without a deadline of its own: the caller holds one."""
+        ssl = self._ssl
+        while True:
+            result = _SSL_do_handshake(ssl)
+            if result == 1:
+                self.conn._raise_ssl_error(ssl, result)  # a callback's stored exception
+                return
+            error = _SSL_get_error(ssl, result)
+            if error == _WANT_READ:
+                self._waiter.wait(_READ, None)
+            elif error == _WANT_WRITE:
+                self._waiter.wait(_WRITE, None)
+            else:
+                try:
+                    self.conn._raise_ssl_error(ssl, result)
+                except SSL.SysCallError as sys_exc:
+                    raise TLSHandshakeFailed(_syscall_reason(sys_exc)) from sys_exc
+                except SSL.Error as exc:
+                    raise TLSHandshakeFailed(_ssl_reason(exc)) from exc
+                raise TLSHandshakeFailed("handshake_failure")
 
     def recv(self, size: int = RECV_SIZE) -> bytes:
         """Return decrypted bytes; b"" on EOF (a close_notify or a bare TCP close: for
@@ -362,7 +423,9 @@ class TLSStream(Stream):
             elif error == _WANT_WRITE:
                 self._waiter.wait(_WRITE, self.timeout)
             else:
-                self._raise_ssl_error(n, reading=True)
+                # close_notify is a clean EOF: no pyOpenSSL call (and ZeroReturnError) for it
+                if error != _ZERO_RETURN:
+                    self._raise_ssl_error(n, reading=True)
                 self._ended = _CLEAN_EOF  # EOF stays EOF (OpenSSL would now report an error)
                 return 0
 
@@ -431,10 +494,8 @@ class TLSStream(Stream):
 
     def shutdown(self) -> None:
         """Send close_notify without waiting for the peer's (best effort)."""
-        try:
-            self.conn.shutdown()
-        except SSL.Error:
-            pass
+        if _SSL_shutdown(self._ssl) < 0:  # pyOpenSSL's shutdown(), minus its Python call
+            _ERR_clear_error()  # what it would have raised (and we would have ignored)
 
     def close(self) -> None:
         self.shutdown()

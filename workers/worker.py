@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import select
 import signal
 import socket
 import struct
@@ -107,6 +108,12 @@ class Worker:
         family = int(listen.family)
         ctx = BindContext(port=bound.address.port, router=bound.router, tls=bound.tls)
         watcher = get_hub().loop.io(listen.fileno(), 1)
+        # Whether another connection is queued, asked without accepting: an accept that
+        # finds none raises BlockingIOError, whose exception and traceback cost several
+        # times a poll system call, and most accepts would end so when connections come
+        # one at a time.
+        queued = select.poll()
+        queued.register(listen.fileno(), select.POLLIN)
         rt = self.runtime
         pool = self.pool
         failures, last_warning = 0, 0.0
@@ -133,6 +140,8 @@ class Worker:
                 # tcp_nodelay, on for every client connection.
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 pool.spawn(_serve, rt, ctx, sock, addr)
+                if not queued.poll(0):
+                    get_hub().wait(watcher)  # until the next connection is queued
         finally:
             watcher.close()
 
