@@ -24,6 +24,7 @@ contexts, certificates and verification stay pyOpenSSL's.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
 import socket
@@ -117,7 +118,7 @@ class Stream:
 
     __slots__ = ("sock", "timeout")
 
-    sock: socket.socket
+    sock: _socket.socket  # the C type: accepted sockets are made as one (worker.py)
     timeout: float | None
 
     def recv(self, size: int = RECV_SIZE) -> bytes:
@@ -222,7 +223,7 @@ class PlainStream(Stream):
 
     __slots__ = ("_fd", "_waiter")
 
-    def __init__(self, sock: socket.socket, timeout: float | None = None) -> None:
+    def __init__(self, sock: _socket.socket, timeout: float | None = None) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.timeout = timeout
@@ -281,7 +282,8 @@ class TLSStream(Stream):
 
     __slots__ = ("_ended", "_fd", "_ssl", "_waiter", "conn")
 
-    def __init__(self, sock: socket.socket, conn: SSL.Connection, timeout: float | None = None):
+    def __init__(self, sock: _socket.socket, conn: SSL.Connection,
+                 timeout: float | None = None):
         sock.setblocking(False)
         self.sock = sock
         self.conn = conn
@@ -292,14 +294,16 @@ class TLSStream(Stream):
         self._waiter: Waiter = _Waiter(self._fd)
 
     @classmethod
-    def server(cls, sock: socket.socket, context: SSL.Context) -> TLSStream:
-        conn = SSL.Connection(context, sock)
+    def server(cls, sock: _socket.socket, context: SSL.Context) -> TLSStream:
+        # pyOpenSSL's hint says socket.socket; it only asks the object for fileno()
+        conn = SSL.Connection(context, sock)  # type: ignore[arg-type]
         conn.set_accept_state()
         return cls(sock, conn)
 
     @classmethod
-    def client(cls, sock: socket.socket, context: SSL.Context, sni: str | None) -> TLSStream:
-        conn = SSL.Connection(context, sock)
+    def client(cls, sock: _socket.socket, context: SSL.Context,
+               sni: str | None) -> TLSStream:
+        conn = SSL.Connection(context, sock)  # type: ignore[arg-type]  # see server()
         if sni:
             conn.set_tlsext_host_name(sni.encode("idna"))
         conn.set_connect_state()
@@ -513,7 +517,7 @@ LINGER_TIME: Final = 2.0  # s, like nginx's lingering_timeout but shorter: a cou
 LINGER_BYTES: Final = 1 << 20
 
 
-def _linger(sock: socket.socket, waiter: Waiter) -> None:
+def _linger(sock: _socket.socket, waiter: Waiter) -> None:
     """Half-close and discard what the client still sends (RFC 9112 §9.6).  Closing a
     socket with unread input makes the kernel send RST, which can destroy the error
     response we just wrote before the client reads it (nginx: lingering_close)."""
@@ -586,7 +590,7 @@ def open_tcp(sockaddr: tuple, family: int, timeout: float) -> socket.socket:
 _PEEK_NOWAIT: Final = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # a plain int: no enum code
 
 
-def peer_closed(sock: socket.socket) -> bool:
+def peer_closed(sock: _socket.socket) -> bool:
     """True if an idle pooled connection has been closed (or written to) by the peer.
     Anything readable on an idle HTTP/1.1 connection means it must not be reused."""
     try:

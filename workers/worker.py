@@ -11,6 +11,7 @@ master replaces it.
 
 from __future__ import annotations
 
+import _socket
 import gc
 import logging
 import os
@@ -120,10 +121,12 @@ class Worker:
         try:
             while not self.stopping:
                 try:
-                    # _accept + a plain socket object: socket.accept() would also turn the
-                    # family and type into enum members for every connection.
+                    # _accept + the C socket type: socket.accept() would also turn the
+                    # family and type into enum members for every connection, and
+                    # socket.socket adds a Python __init__ and close() (for makefile(),
+                    # which nothing here uses).
                     fd, addr = listen._accept()  # type: ignore[attr-defined]
-                    sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+                    sock = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
                 except BlockingIOError:
                     get_hub().wait(watcher)
                     continue
@@ -228,7 +231,7 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
-def _serve(rt: Runtime, ctx: BindContext, sock: socket.socket, addr: tuple) -> None:
+def _serve(rt: Runtime, ctx: BindContext, sock: _socket.socket, addr: tuple) -> None:
     try:
         Connection(rt, ctx, sock, addr).serve()
     except Exception:
