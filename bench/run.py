@@ -33,6 +33,7 @@ from bench.servers import (  # noqa: E402
     Certs,
     Direct,
     Floor,
+    FloorTLS,
     Gatewayd,
     HAProxy,
     Mitmproxy,
@@ -74,7 +75,7 @@ FULL = Settings(runs=3, ka_seconds=4, ka_connections=64, hs_seconds=3, hs_client
                 mib_seconds=3, mib_connections=8, idle_connections=10_000, idle_runs=1,
                 scenarios=("ka", "hs_full_ec", "hs_res_ec", "mib", "hs_full_rsa", "idle"),
                 configs=("gatewayd-1w", "nginx-1w", "haproxy-1t", "gatewayd-2w", "nginx-2w",
-                         "haproxy-2t", "direct", "floor-1w"),
+                         "haproxy-2t", "direct", "floor-1w", "floor-tls"),
                 cost_variants=True, mitmproxy=True)
 QUICK = Settings(runs=1, ka_seconds=3, ka_connections=64, hs_seconds=2, hs_clients=8,
                  mib_seconds=2, mib_connections=8, idle_connections=2_000, idle_runs=1,
@@ -216,6 +217,8 @@ class Bench:
         if config == "direct":
             return Direct(NginxBackend(work, certs.front[key], PROXY_CPUS[1],
                                        name=f"direct-{key}"))
+        if config == "floor-tls":
+            return FloorTLS(work, certs, key, PROXY_CPUS[1])
         kind, _, size = config.partition("-")
         n = int(size[0]) if size else 1
         cpus = PROXY_CPUS[n] if size else PROXY_CPUS[1]
@@ -241,6 +244,9 @@ class Bench:
             # it open a backend connection per client connection, and its idle footprint is
             # gevent's StreamServer's, so only its keep-alive and 1 MiB figures compare.
             sc = tuple(name for name in sc if name in ("ka", "mib"))
+        elif config == "floor-tls":
+            # a server, not a proxy: only its handshakes compare (with `direct`)
+            sc = tuple(name for name in sc if name.startswith("hs_"))
         server = self.start(config, "ec")
         try:
             if "ka" in sc:

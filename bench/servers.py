@@ -326,6 +326,23 @@ class Floor(Server):
         self.tls_version = check_get(self.port)
 
 
+class FloorTLS(Server):
+    """bench/floor_tls.py: the least a gevent + pyOpenSSL HTTPS server does per new
+    connection, answering /small itself (compare with `direct`, nginx doing the same)."""
+
+    def __init__(self, work: Path, certs: Certs, key: str, cpus: str | None) -> None:
+        self.label = "floor-tls"
+        d = work / f"{self.label}-{key}"
+        d.mkdir(parents=True, exist_ok=True)
+        front = certs.front[key]
+        self.port = free_port()
+        self.proc = Proc(self.label, pinned(cpus, [
+            sys.executable, "-m", "bench.floor_tls", str(self.port), str(front.cert_path),
+            str(front.key_path)]), d, cwd=REPO)
+        wait_port(self.port, proc=self.proc)
+        self.tls_version = check_get(self.port)
+
+
 class Direct(Server):
     """The backend itself as the 'proxy' (the ceiling): nothing extra runs."""
 
