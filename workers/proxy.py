@@ -269,18 +269,13 @@ class Connection:
         except (StreamClosed, OSError):
             self._handshake_failed(stream, "reset")
             return None
-        conn = stream.conn
-        choice = conn.get_app_data()
-        if isinstance(choice, SNIChoice):  # what the SNI callback decided (every ClientHello)
+        # What the SNI callback decided: OpenSSL runs it for every ClientHello, and it
+        # leaves its choice on the connection before the handshake can complete.
+        choice = stream.conn.get_app_data()
+        if isinstance(choice, SNIChoice):
             self.sni = choice.sni
             if choice.matched is not None:
                 self.listener_label = choice.matched
-        else:  # pragma: no cover - OpenSSL runs the callback for every handshake
-            raw = conn.get_servername()
-            self.sni = raw.decode("ascii", "replace") if raw else None
-            chosen = self.bind.router.listener_for_sni(self.sni) if self.sni else None
-            if chosen is not None:
-                self.listener_label = chosen.name
         self.tls_protocol = stream.protocol_name()
         self.tls_cipher = stream.cipher_name()
         if self.bind.router.has_client_auth:

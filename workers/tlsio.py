@@ -51,15 +51,15 @@ _SSL_get_error: Final = _lib.SSL_get_error
 _SSL_do_handshake: Final = _lib.SSL_do_handshake
 _SSL_shutdown: Final = _lib.SSL_shutdown
 _ERR_clear_error: Final = _lib.ERR_clear_error
-TLS_HANDSHAKE_RECORD: Final = 0x16  # the first byte of every ClientHello (RFC 8446 §5.1)
 _SSL_get_version: Final = _lib.SSL_get_version
 _SSL_get_current_cipher: Final = _lib.SSL_get_current_cipher
 _SSL_CIPHER_get_name: Final = _lib.SSL_CIPHER_get_name
+_PEEK: Final = int(socket.MSG_PEEK)  # a plain int: socket.MSG_* are enum members
+TLS_HANDSHAKE_RECORD: Final = 0x16  # the first byte of every ClientHello (RFC 8446 §5.1)
 # OpenSSL names protocol versions and ciphers with static strings, so each name is
 # decoded once and then found by the address OpenSSL returns (pyOpenSSL's
 # get_protocol_version_name() and get_cipher_name() copy and decode them every time).
 _names: Final[dict[Any, str]] = {}
-_PEEK: Final = int(socket.MSG_PEEK)  # a plain int: socket.MSG_* are enum members
 _WANT_READ: Final = _lib.SSL_ERROR_WANT_READ
 _WANT_WRITE: Final = _lib.SSL_ERROR_WANT_WRITE
 _ZERO_RETURN: Final = _lib.SSL_ERROR_ZERO_RETURN
