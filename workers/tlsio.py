@@ -330,17 +330,10 @@ class TLSStream(Stream):
             name = _names[cipher] = _ffi.string(_SSL_CIPHER_get_name(cipher)).decode("utf-8")
         return name
 
-    def peek(self, timeout: float) -> bytes:
+    def _peek(self) -> bytes:
         """The first bytes the peer sent, left in the socket (b"" if it closed first):
         lets the server tell a TCP health check or plain HTTP from a TLS ClientHello
         before OpenSSL sees anything."""
-        timer = self._waiter.deadline(timeout)
-        try:
-            return self._peek()
-        finally:
-            timer.close()
-
-    def _peek(self) -> bytes:
         while True:
             try:
                 return self.sock.recv(16, _PEEK)
@@ -350,8 +343,8 @@ class TLSStream(Stream):
                 raise StreamClosed(str(exc)) from exc
 
     def accept(self, timeout: float) -> bytes:
-        """A server's start: peek() and, when the first byte starts a TLS handshake
-        record, handshake(), both within `timeout` seconds in total under one timer (a
+        """A server's start: _peek() and, when the first byte starts a TLS handshake
+        record, _handshake(), both within `timeout` seconds in total under one timer (a
         timer made, started and closed costs a few thousand instructions a connection).
         Returns the peeked bytes: b"" if the peer closed first; anything not starting
         with a handshake record is left unread and the handshake not begun."""
