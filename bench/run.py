@@ -67,8 +67,8 @@ class Settings:
     configs: tuple[str, ...]
     cost_variants: bool
     mitmproxy: bool
-    #: rounds per run of the interleaved keep-alive measurement (see Bench.interleaved)
-    ka_rounds: int = 3
+    #: rounds per run of the interleaved measurements (see Bench.interleaved)
+    interleaved_rounds: int = 3
 
 
 FULL = Settings(runs=3, ka_seconds=4, ka_connections=64, hs_seconds=3, hs_clients=8,
@@ -81,7 +81,7 @@ QUICK = Settings(runs=1, ka_seconds=3, ka_connections=64, hs_seconds=2, hs_clien
                  mib_seconds=2, mib_connections=8, idle_connections=2_000, idle_runs=1,
                  scenarios=("ka", "hs_full_ec", "mib", "idle"),
                  configs=("gatewayd-1w", "nginx-1w", "haproxy-1t", "direct"),
-                 cost_variants=True, mitmproxy=False, ka_rounds=1)
+                 cost_variants=True, mitmproxy=False, interleaved_rounds=1)
 #: The whole run may wait this long in total for a quiet machine (see wait_quiet).
 QUIET_BUDGET = {"full": 60.0, "quick": 20.0}
 
@@ -173,11 +173,11 @@ class Bench:
             cpus=LOAD_CPUS), **extra)
 
     def handshakes(self, server: Server, config: str, run: int, scenario: str,
-                   resume: bool) -> None:
+                   resume: bool, **extra: Any) -> None:
         s = self.settings
         self.measure(server, config, run, scenario, lambda: load.s_time(
             server.port, resume=resume, processes=s.hs_clients, seconds=s.hs_seconds,
-            cpus=LOAD_CPUS))
+            cpus=LOAD_CPUS), **extra)
 
     def big(self, server: Server, config: str, run: int) -> None:
         s = self.settings
@@ -270,25 +270,34 @@ class Bench:
             finally:
                 server.proc.stop()
 
-    def interleaved(self, configs: list[str], run: int) -> None:
-        """Keep-alive through *configs*, all started at once and each measured in turn,
-        `ka_rounds` times, the order rotating by one per round (scenario "ka_i").
+    def interleaved(self, configs: list[str], run: int, scenario: str = "ka_i") -> None:
+        """One scenario through *configs*, all started at once and each measured in turn,
+        `interleaved_rounds` times, the order rotating by one per round: keep-alive ("ka_i") or
+        full handshakes ("hs_full_ec_i", "hs_full_rsa_i").
 
         The ratios the targets use come from here: two measurements seconds apart share
         the machine's drift (±30 % between runs on this shared 2-core machine), and no
         proxy is measured only as the first thing after its boot.  The idle proxies use
         the same core but next to no CPU while another one is measured."""
+        key = "rsa" if scenario == "hs_full_rsa_i" else "ec"
         servers: dict[str, Server] = {}
         try:
             for config in configs:
-                servers[config] = self.start(config, "ec")
-            for rnd in range(self.settings.ka_rounds):
-                shift = (run * self.settings.ka_rounds + rnd) % len(configs)
+                servers[config] = self.start(config, key)
+            for rnd in range(self.settings.interleaved_rounds):
+                shift = (run * self.settings.interleaved_rounds + rnd) % len(configs)
                 for config in configs[shift:] + configs[:shift]:
-                    self.keepalive(servers[config], config, run, scenario="ka_i", round=rnd)
+                    if scenario == "ka_i":
+                        self.keepalive(servers[config], config, run, scenario=scenario,
+                                       round=rnd)
+                    else:
+                        self.handshakes(servers[config], config, run, scenario,
+                                        resume=False, round=rnd)
         finally:
             for server in servers.values():
                 server.stop()
+                if isinstance(server, Direct):  # its own nginx here, not the backend
+                    server.proc.stop()
 
     def run_ka_only(self, config: str, run: int, seconds: float = 0) -> None:
         server = self.start(config, "ec")
@@ -386,6 +395,12 @@ def main() -> int:
             cost = ["gatewayd-1w-all-on", "gatewayd-1w-all-off"] if s.cost_variants else []
             if len(pair + cost) >= 2:
                 bench.interleaved(pair + cost, run)
+            # the handshake targets' pair, and the bare stack's pair beside it
+            hs_pair: list[str] = [c for c in ("gatewayd-1w", "nginx-1w", "floor-tls", "direct")
+                                 if c in s.configs]
+            for scenario in ("hs_full_ec", "hs_full_rsa"):
+                if len(hs_pair) >= 2 and scenario in s.scenarios:
+                    bench.interleaved(hs_pair, run, scenario + "_i")
             if mitm:
                 try:
                     bench.run_ka_only("mitmproxy", run)
