@@ -97,7 +97,13 @@ def _connection(stats: Stats) -> Connection:
 def _pieces() -> dict[str, Callable[[], object]]:
     """name → one call of the piece (set up outside the call)."""
     from gatewayd.workers.accesslog import AccessLog
-    from gatewayd.workers.http1 import RequestHead, RequestParser, ResponseHead, ResponseParser
+    from gatewayd.workers.http1 import (
+        RequestHead,
+        RequestParser,
+        RequestParsers,
+        ResponseHead,
+        ResponseParser,
+    )
     from gatewayd.workers.logline import FIELDS, LineMemo, json_line
     from gatewayd.workers.proxy import _client_head
     from gatewayd.workers.record import RequestRecord
@@ -117,6 +123,17 @@ def _pieces() -> dict[str, Callable[[], object]]:
     response_parser = ResponseParser(request_method=b"GET")
     resp = response_parser.feed(RESPONSE)[0]
     assert isinstance(resp, ResponseHead) and response_parser.reusable
+
+    parsers = RequestParsers(max_request_line=8192, max_header_bytes=32768, max_headers=100,
+                             max_body_bytes=0)
+
+    def parse_on_kept(data: bytes) -> object:
+        """A new connection's request on a parser an ended one gave back (the worker's
+        RequestParsers), given back in turn."""
+        parser = parsers.take()
+        events = parser.feed(data)
+        parsers.give_back(parser)
+        return events
 
     def parse_response() -> object:
         response_parser.next_response(b"GET")
@@ -182,6 +199,8 @@ def _pieces() -> dict[str, Callable[[], object]]:
         "request-parse (new parser; Connection: close)": lambda: RequestParser(
             max_request_line=8192, max_header_bytes=32768, max_headers=100,
             max_body_bytes=0).feed(S_TIME_REQUEST),
+        "request-parse (kept parser; Connection: close)": lambda: parse_on_kept(
+            S_TIME_REQUEST),
         "response-parse (pooled parser)": parse_response,
         "response-parse (head not seen before)": parse_unseen_response,
         "response-parser-new": lambda: ResponseParser(request_method=b"GET"),

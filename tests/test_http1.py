@@ -17,9 +17,11 @@ from gatewayd.workers.http1 import (
     HttpError,
     RequestHead,
     RequestParser,
+    RequestParsers,
     ResponseHead,
     ResponseParser,
 )
+from gatewayd.workers.http1.request import PARSERS_KEPT
 
 from tests.support.corpus import smuggling_cases
 
@@ -580,6 +582,102 @@ def test_smuggling_case(case: dict[str, Any]) -> None:
     _check_case(case, [raw[i:i + 1] for i in range(min(len(raw), 2000))] + [raw[2000:]])
     for i in range(1, min(len(raw), 400), 7):
         _check_case(case, [raw[:i], raw[i:]])
+
+
+# ------------------------------------------- request parsers kept for the next connection
+
+# How a connection can leave its parser: between two messages, nothing of a next one seen.
+_ENDINGS = [
+    b"GET /a HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n",
+    b"GET /b HTTP/1.0\r\n\r\n",
+    b"POST /c HTTP/1.1\r\n" + H + b"Content-Length: 3\r\nExpect: 100-continue\r\n\r\nabc",
+    b"POST /d HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+    b"X-Trailer: t\r\n\r\n",
+    b"\r\nGET /e HTTP/1.1\r\n" + H + b"X-Long: " + b"v" * 3000 + b"\r\n\r\n\r\n",
+]
+_LIMITS = {"max_request_line": 200, "max_header_bytes": 4000, "max_headers": 20,
+           "max_body_bytes": 1000}
+
+
+def _request_outcome(parser: RequestParser, chunks: list[bytes]) -> tuple[Any, ...]:
+    """Everything a connection's requests make of a parser, comparable between two."""
+    events: list[Event] = []
+    error = None
+    try:
+        for chunk in chunks:
+            if parser.upgraded and not parser.in_message():
+                break
+            events.extend(parser.feed(chunk))
+    except HttpError as exc:
+        error = (exc.status, str(exc))
+    shown = [(ev.method, ev.target, ev.version, ev.headers, ev.host, ev.keep_alive,
+              ev.chunked, ev.content_length, ev.expect_continue, ev.upgrade)
+             if isinstance(ev, RequestHead) else ev for ev in merge(events)]
+    return (shown, error, parser.upgraded, parser.trailing, parser.in_message(),
+            parser.error is not None)
+
+
+def _next_connections() -> list[bytes]:
+    """What the next connection sends: the smuggling corpus, and requests that meet each
+    limit, pipeline, or close."""
+    ordinary = [
+        b"GET / HTTP/1.1\r\n" + H + b"\r\n",
+        b"GET /1 HTTP/1.1\r\n" + H + b"\r\nGET /2 HTTP/1.0\r\n\r\nGET /3 HTTP/1.1\r\n\r\n",
+        b"GET /" + b"x" * 300 + b" HTTP/1.1\r\n" + H + b"\r\n",
+        b"GET / HTTP/1.1\r\n" + H + b"".join(b"X-%d: 1\r\n" % i for i in range(30)) + b"\r\n",
+        b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 2000\r\n\r\n",
+        b"GET / HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\nGET /smuggled-x HTTP/1.1\r\n",
+        b"GET /chat HTTP/1.1\r\n" + H + b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\nhi",
+        b"GET / HTTP/1.1\r\n\r\n",
+    ]
+    return ordinary + [case["raw_request"].encode("latin-1") for case in smuggling_cases()]
+
+
+@pytest.mark.parametrize("ending", _ENDINGS, ids=range(len(_ENDINGS)))
+def test_a_renewed_request_parser_reads_the_next_connection_as_a_fresh_one(
+        ending: bytes) -> None:
+    """A worker gives an ended connection's parser to the next one (RequestParsers).  Its
+    llhttp then carries on after the message the last connection ended with, Connection:
+    close and HTTP/1.0 included, and nothing of that connection may show: every next
+    connection, in one read or byte by byte, comes out exactly as from a new parser."""
+    pool = RequestParsers(**_LIMITS)
+    for raw in _next_connections():
+        for chunks in ([raw], [raw[i:i + 1] for i in range(len(raw))]):
+            used = pool.take()
+            assert _request_outcome(used, [ending])[1] is None
+            pool.give_back(used)
+            renewed = pool.take()
+            assert renewed is used  # renewed, not made anew
+            assert (_request_outcome(renewed, chunks)
+                    == _request_outcome(RequestParser(**_LIMITS), chunks)), raw[:80]
+            pool.give_back(renewed)
+
+
+@pytest.mark.parametrize("data", [
+    b"GE",  # inside a request line
+    b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 5\r\n\r\nab",  # inside a body
+    b"GET / HTTP/1.1\r\n" + H + b"X-Bad : 1\r\n\r\n",  # an error
+    b"GET / HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\nGET / HTTP/1.1\r\n",  # after close
+    b"GET /chat HTTP/1.1\r\n" + H + b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+])
+def test_a_request_parser_is_kept_only_between_messages(data: bytes) -> None:
+    pool = RequestParsers(**_LIMITS)
+    parser = pool.take()
+    try:
+        parser.feed(data)
+    except HttpError:
+        pass
+    assert not parser.renew()
+    pool.give_back(parser)
+    assert len(pool) == 0 and pool.take() is not parser
+
+
+def test_request_parsers_kept_are_bounded() -> None:
+    pool = RequestParsers(**_LIMITS)
+    parsers = [pool.take() for _ in range(PARSERS_KEPT + 5)]
+    for parser in parsers:
+        pool.give_back(parser)
+    assert len(pool) == PARSERS_KEPT
 
 
 # ------------------------------------------------------------------------- responses

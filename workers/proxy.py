@@ -41,7 +41,7 @@ from .http1 import (
     EventQueue,
     HttpError,
     RequestHead,
-    RequestParser,
+    RequestParsers,
     ResponseHead,
     ResponseParser,
 )
@@ -149,6 +149,17 @@ class Runtime:
     # A request target that raises inside the exchange, set from GATEWAYD_FAULT_INJECTION
     # (tests prove that a bug in one request harms nothing else); None in production.
     fault_target: bytes | None = None
+    # request parsers kept from ended connections for the next ones (made from `server`)
+    parsers: RequestParsers = field(init=False)
+
+    def __post_init__(self) -> None:
+        limits = self.server
+        self.parsers = RequestParsers(
+            max_request_line=limits.max_request_line,
+            max_header_bytes=limits.max_header_bytes,
+            max_headers=limits.max_headers,
+            max_body_bytes=limits.max_body_bytes,
+        )
 
 
 class DrainWake(Exception):
@@ -192,13 +203,7 @@ class Connection:
         self.client_port = addr[1]
         self.stream: Stream | None = None
         self.sni: str | None = None
-        limits = rt.server
-        self.parser = RequestParser(
-            max_request_line=limits.max_request_line,
-            max_header_bytes=limits.max_header_bytes,
-            max_headers=limits.max_headers,
-            max_body_bytes=limits.max_body_bytes,
-        )
+        self.parser = rt.parsers.take()
         self.events = EventQueue()
         self.scheme = b"https" if bind.tls else b"http"
         self.tls_protocol = ""
@@ -236,7 +241,7 @@ class Connection:
         except (_Abort, StreamClosed, StreamTimeout, OSError):
             pass
         finally:
-            self.parser.close()
+            self.rt.parsers.give_back(self.parser)  # renewed for a next connection, or closed
             if counted:
                 stats.connections -= 1
                 stats.client_connections[self.listener_label] -= 1

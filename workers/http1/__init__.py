@@ -23,12 +23,17 @@ httptools 0.9) already rejects was verified by tests rather than assumed:
   CONTRACT section 3, trailing OWS in values (section 5.1), and response-side framing that
   llhttp cannot know about (responses to HEAD, section 6.3 rule 1).
 
+One leniency is switched on, for request parsers only: llhttp's keep-alive leniency
+(it goes on parsing after a request that ends its connection), so that a parser can be
+renewed for the next connection (``RequestParsers``).  Section 9.6 still holds: after such
+a request the parser refuses the next one itself, at its first byte.
+
 Layout: ``common`` (HttpError, END, EventQueue, what both share), ``request`` (RequestParser),
 ``response`` (ResponseParser).
 """
 
 from .common import END, Chunk, EndOfMessage, EventQueue, HttpError
-from .request import RequestEvent, RequestHead, RequestParser
+from .request import RequestEvent, RequestHead, RequestParser, RequestParsers
 from .response import ResponseEvent, ResponseHead, ResponseParser
 
 __all__ = [
@@ -40,6 +45,7 @@ __all__ = [
     "RequestEvent",
     "RequestHead",
     "RequestParser",
+    "RequestParsers",
     "ResponseEvent",
     "ResponseHead",
     "ResponseParser",

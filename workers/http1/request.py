@@ -71,6 +71,11 @@ class RequestHead:
 RequestEvent = RequestHead | bytes | EndOfMessage
 
 
+class _AfterClose(Exception):
+    """Bytes of a request after one that ended its connection (RFC 9112 section 9.6:
+    not processed).  Raised from a callback, it stops llhttp; feed() ignores them."""
+
+
 def _te_error(value: bytes) -> HttpError:
     """Classify a Transfer-Encoding we do not accept (RFC 9112 sections 6.1 and 6.3).
 
@@ -101,6 +106,7 @@ class RequestParser(LlhttpOwner):
 
     __slots__ = (
         "_body_n",
+        "_broken",
         "_chunked",
         "_cl",
         "_closed",
@@ -142,6 +148,16 @@ class RequestParser(LlhttpOwner):
         self._max_hdr = max_header_bytes
         self._max_headers = max_headers
         self._max_body = max_body_bytes
+        self._p = httptools.HttpRequestParser(self)
+        # llhttp goes on parsing after a request that ends its connection, so that the
+        # parser can serve another connection (RequestParsers); this parser still parses
+        # nothing after such a request: on_message_begin refuses once `_closed` is set.
+        self._p.set_dangerous_leniencies(lenient_keep_alive=True)
+        self._start()
+
+    def _start(self) -> None:
+        """The state of a parser that has seen no byte: a new one, or one renewed."""
+        self._broken = False  # llhttp stopped by an error or an upgrade: never renewed
         self._events: list[RequestEvent] = []
         self._err: HttpError | None = None
         self._halt = False  # fast path flag: error, upgraded or closed
@@ -167,7 +183,17 @@ class RequestParser(LlhttpOwner):
         self._trl = 0
         self._version: bytes | None = None  # of the message in progress, if read off its line
         self._version_next: bytes | None = None
-        self._p = httptools.HttpRequestParser(self)
+
+    def renew(self) -> bool:
+        """Make this parser as new for the next connection, if llhttp sits between two
+        messages with nothing of a next one seen and no error; False (and unchanged) if
+        not.  llhttp's own state is then its start state, and everything this layer keeps
+        is reset: no byte, field or decision of one connection reaches the next."""
+        if (self._state != _IDLE or self._broken or self._err is not None or self.upgraded
+                or self._p is None):
+            return False
+        self._start()
+        return True
 
     # ---- public API ---------------------------------------------------------------
 
@@ -196,8 +222,10 @@ class RequestParser(LlhttpOwner):
         try:
             self._p.feed_data(data)
         except _HttpParserUpgrade as upgrade:
+            self._broken = True
             self._on_upgrade(data[upgrade.args[0]:])
         except _HttpParserError as exc:
+            self._broken = True
             if self._err is None:
                 if self._closed:  # bytes after a non-persistent request: not parsed
                     return events
@@ -268,6 +296,8 @@ class RequestParser(LlhttpOwner):
     # ---- llhttp callbacks ---------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._closed:  # a request after one that ended the connection: not parsed
+            raise _AfterClose
         self._state = _HEAD
         self._version, self._version_next = self._version_next, None
         self._fresh = True
@@ -444,10 +474,10 @@ class RequestParser(LlhttpOwner):
         self._events.append(END)
         self._state = _IDLE
         if not head.keep_alive:
-            # The connection ends with this request.  No exception is needed to stop
-            # llhttp here: after a message that does not keep the connection alive it
-            # parses nothing more (bytes after it fail with "Data after `Connection:
-            # close`", caught in feed), and `_halt` ignores every later feed.
+            # The connection ends with this request.  No exception is raised here (one
+            # per such request would cost more than the request's parsing): a request
+            # after it in the same bytes stops llhttp at its first byte (_AfterClose,
+            # caught in feed), and `_halt` ignores every later feed.
             self._closed = self._halt = True
 
     # ---- upgrade ------------------------------------------------------------------
@@ -473,3 +503,45 @@ class RequestParser(LlhttpOwner):
             self._state = _IDLE
             self.trailing = data[len(take):]
         return events
+
+
+#: Parsers a worker keeps for its next connections (see RequestParsers).
+PARSERS_KEPT: Final = 256
+
+
+class RequestParsers:
+    """The request parsers of one worker's connections: a connection takes one and gives
+    it back when it ends, renewed (RequestParser.renew) for the next.
+
+    A new parser costs more than parsing a small request with it (~12,000 instructions:
+    httptools allocates llhttp and looks up and binds each callback method), once per
+    connection; new TLS connections made that a sixteenth of gatewayd's own work per
+    connection (bench/README.md, "Fourteenth session").  A parser that stopped inside a
+    message, on an error or at an upgrade is dropped instead, and at most PARSERS_KEPT
+    wait: a burst of connections leaves no more than that behind."""
+
+    __slots__ = ("_kept", "_max_body", "_max_hdr", "_max_headers", "_max_line")
+
+    def __init__(self, *, max_request_line: int, max_header_bytes: int, max_headers: int,
+                 max_body_bytes: int) -> None:
+        self._max_line = max_request_line
+        self._max_hdr = max_header_bytes
+        self._max_headers = max_headers
+        self._max_body = max_body_bytes
+        self._kept: list[RequestParser] = []
+
+    def take(self) -> RequestParser:
+        kept = self._kept
+        if kept:
+            return kept.pop()
+        return RequestParser(max_request_line=self._max_line, max_header_bytes=self._max_hdr,
+                             max_headers=self._max_headers, max_body_bytes=self._max_body)
+
+    def give_back(self, parser: RequestParser) -> None:
+        if len(self._kept) < PARSERS_KEPT and parser.renew():
+            self._kept.append(parser)
+        else:
+            parser.close()
+
+    def __len__(self) -> int:
+        return len(self._kept)
