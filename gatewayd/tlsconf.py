@@ -92,11 +92,12 @@ def server_context(listener: Listener) -> SSL.Context:
     _apply_policy(ctx, listener.ssl_policy)
     set_groups(ctx)
     chain = _load_chain(listener.certificate.certificate_pem)
-    ctx.use_certificate(crypto.X509.from_cryptography(chain[0]))
+    # cryptography's objects directly: pyOpenSSL deprecated its X509 and PKey here (24.3)
+    ctx.use_certificate(chain[0])
     for extra in chain[1:]:
-        ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
+        ctx.add_extra_chain_cert(extra)
     key = load_pem_private_key(listener.certificate.private_key_pem, password=None)
-    ctx.use_privatekey(crypto.PKey.from_cryptography_key(key))  # type: ignore[arg-type]
+    ctx.use_privatekey(key)  # type: ignore[arg-type]
     ctx.check_privatekey()
     ctx.set_session_id(_session_id_context(listener))
     ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
@@ -189,9 +190,8 @@ def _require_client_certificates(ctx: SSL.Context, listener: Listener) -> None:
     store = ctx.get_cert_store()
     assert store is not None
     for ca in _load_chain(listener.client_ca_pem):
-        cert = crypto.X509.from_cryptography(ca)
-        store.add_cert(cert)
-        ctx.add_client_ca(cert)
+        store.add_cert(crypto.X509.from_cryptography(ca))
+        ctx.add_client_ca(ca)
     verify = client_verify(listener)
     ctx.set_verify(verify.mode, verify.callback)
     ctx.set_verify_depth(8)
