@@ -241,6 +241,8 @@ def _interleaved_handshakes(results: list[Result]) -> list[str]:
         cps = BY_KEY[f"hs_full_{key}_cps"]
         for c in configs:
             us = [1e6 / x for x in rounds(results, per_cpu, c).values() if x]
+            if not us:  # no connection in any round (every measurement failed)
+                continue
             rate = median(list(rounds(results, cps, c).values()))
             lines.append(f"| {c} | {len(us)} | {_fmt(cps, rate)} | {median(us):.1f} | "
                          f"{min(us):.1f} | {max(us):.1f} |")

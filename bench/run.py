@@ -1,7 +1,7 @@
 """gatewayd benchmark: the same scenarios through gatewayd, nginx, HAProxy (and the
 backend directly as the ceiling) on this machine.  `make bench` runs it; see README.md.
 
-    .venv/bin/python bench/run.py            # full run: 3 runs, median (< 20 min)
+    .venv/bin/python bench/run.py            # full run: 3 runs, median (~24 min)
     .venv/bin/python bench/run.py --quick    # 1 run, short, fewer scenarios
 """
 
