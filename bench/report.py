@@ -217,11 +217,16 @@ def interleaved_section(results: list[Result]) -> list[str]:
              "gatewayd-1w-all-on", "gatewayd-1w"),
             ("gatewayd-1w / all-off (the metrics alone), CPU per request ↓", cpu,
              "gatewayd-1w", "gatewayd-1w-all-off")):
-        xs = round_ratios(results, metric, a, b)
-        if xs:
-            lines.append(f"| {label} | {_r(median(xs))} | {_r(min(xs))} | {_r(max(xs))} | "
-                         + " ".join(f"{x:.2f}" for x in xs) + " |")
+        lines += _ratio_line(label, round_ratios(results, metric, a, b))
     return [*lines, "", *_interleaved_handshakes(results)]
+
+
+def _ratio_line(label: str, xs: list[float]) -> list[str]:
+    """A per-round ratio's row: median, min, max and every round (none without rounds)."""
+    if not xs:
+        return []
+    return [f"| {label} | {_r(median(xs))} | {_r(min(xs))} | {_r(max(xs))} | "
+            + " ".join(f"{x:.2f}" for x in xs) + " |"]
 
 
 def _interleaved_handshakes(results: list[Result]) -> list[str]:
@@ -250,11 +255,8 @@ def _interleaved_handshakes(results: list[Result]) -> list[str]:
                   "|---|---:|---:|---:|---|"]
         for a, b in (("gatewayd-1w", "nginx-1w"), ("floor-tls", "direct"),
                      ("gatewayd-1w", "floor-tls")):
-            xs = round_ratios(results, per_cpu, a, b)
-            if xs:
-                lines.append(f"| {a} / {b}, handshakes per CPU-s ↑ | {_r(median(xs))} | "
-                             f"{_r(min(xs))} | {_r(max(xs))} | "
-                             + " ".join(f"{x:.2f}" for x in xs) + " |")
+            lines += _ratio_line(f"{a} / {b}, handshakes per CPU-s ↑",
+                                 round_ratios(results, per_cpu, a, b))
         lines.append("")
     return lines
 

@@ -537,8 +537,8 @@ def _cases() -> list[dict[str, Any]]:
     return smuggling_cases()
 
 
-def _run_case(case: dict[str, Any], chunks: list[bytes]) -> tuple[list[Event], HttpError | None]:
-    p = RequestParser()
+def _feed_requests(p: RequestParser,
+                   chunks: list[bytes]) -> tuple[list[Event], HttpError | None]:
     events: list[Event] = []
     try:
         for chunk in chunks:
@@ -551,7 +551,7 @@ def _run_case(case: dict[str, Any], chunks: list[bytes]) -> tuple[list[Event], H
 
 
 def _check_case(case: dict[str, Any], chunks: list[bytes]) -> None:
-    events, err = _run_case(case, chunks)
+    events, err = _feed_requests(RequestParser(), chunks)
     produced = heads(events)
     for head in produced:
         assert b"/smuggled-" not in head.target, case["id"]
@@ -601,15 +601,8 @@ _LIMITS = {"max_request_line": 200, "max_header_bytes": 4000, "max_headers": 20,
 
 def _request_outcome(parser: RequestParser, chunks: list[bytes]) -> tuple[Any, ...]:
     """Everything a connection's requests make of a parser, comparable between two."""
-    events: list[Event] = []
-    error = None
-    try:
-        for chunk in chunks:
-            if parser.upgraded and not parser.in_message():
-                break
-            events.extend(parser.feed(chunk))
-    except HttpError as exc:
-        error = (exc.status, str(exc))
+    events, exc = _feed_requests(parser, chunks)
+    error = None if exc is None else (exc.status, str(exc))
     shown = [(ev.method, ev.target, ev.version, ev.headers, ev.host, ev.keep_alive,
               ev.chunked, ev.content_length, ev.expect_continue, ev.upgrade)
              if isinstance(ev, RequestHead) else ev for ev in merge(events)]
@@ -640,7 +633,7 @@ def test_a_renewed_request_parser_reads_the_next_connection_as_a_fresh_one(
     llhttp then carries on after the message the last connection ended with, Connection:
     close and HTTP/1.0 included, and nothing of that connection may show: every next
     connection, in one read or byte by byte, comes out exactly as from a new parser."""
-    pool = RequestParsers(**_LIMITS)
+    pool = RequestParsers(lambda: RequestParser(**_LIMITS))
     for raw in _next_connections():
         for chunks in ([raw], [raw[i:i + 1] for i in range(len(raw))]):
             used = pool.take()
@@ -661,7 +654,7 @@ def test_a_renewed_request_parser_reads_the_next_connection_as_a_fresh_one(
     b"GET /chat HTTP/1.1\r\n" + H + b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
 ])
 def test_a_request_parser_is_kept_only_between_messages(data: bytes) -> None:
-    pool = RequestParsers(**_LIMITS)
+    pool = RequestParsers(lambda: RequestParser(**_LIMITS))
     parser = pool.take()
     try:
         parser.feed(data)
@@ -673,7 +666,7 @@ def test_a_request_parser_is_kept_only_between_messages(data: bytes) -> None:
 
 
 def test_request_parsers_kept_are_bounded() -> None:
-    pool = RequestParsers(**_LIMITS)
+    pool = RequestParsers(lambda: RequestParser(**_LIMITS))
     parsers = [pool.take() for _ in range(PARSERS_KEPT + 5)]
     for parser in parsers:
         pool.give_back(parser)

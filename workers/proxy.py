@@ -41,6 +41,7 @@ from .http1 import (
     EventQueue,
     HttpError,
     RequestHead,
+    RequestParser,
     RequestParsers,
     ResponseHead,
     ResponseParser,
@@ -153,8 +154,11 @@ class Runtime:
     parsers: RequestParsers = field(init=False)
 
     def __post_init__(self) -> None:
+        self.parsers = RequestParsers(self._new_parser)
+
+    def _new_parser(self) -> RequestParser:
         limits = self.server
-        self.parsers = RequestParsers(
+        return RequestParser(
             max_request_line=limits.max_request_line,
             max_header_bytes=limits.max_header_bytes,
             max_headers=limits.max_headers,

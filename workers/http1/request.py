@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, NoReturn
 
@@ -157,7 +158,7 @@ class RequestParser(LlhttpOwner):
 
     def _start(self) -> None:
         """The state of a parser that has seen no byte: a new one, or one renewed."""
-        self._broken = False  # llhttp stopped by an error or an upgrade: never renewed
+        self._broken = False  # llhttp stopped by an error (also after `_closed`)
         self._events: list[RequestEvent] = []
         self._err: HttpError | None = None
         self._halt = False  # fast path flag: error, upgraded or closed
@@ -222,7 +223,6 @@ class RequestParser(LlhttpOwner):
         try:
             self._p.feed_data(data)
         except _HttpParserUpgrade as upgrade:
-            self._broken = True
             self._on_upgrade(data[upgrade.args[0]:])
         except _HttpParserError as exc:
             self._broken = True
@@ -520,22 +520,15 @@ class RequestParsers:
     message, on an error or at an upgrade is dropped instead, and at most PARSERS_KEPT
     wait: a burst of connections leaves no more than that behind."""
 
-    __slots__ = ("_kept", "_max_body", "_max_hdr", "_max_headers", "_max_line")
+    __slots__ = ("_kept", "_new")
 
-    def __init__(self, *, max_request_line: int, max_header_bytes: int, max_headers: int,
-                 max_body_bytes: int) -> None:
-        self._max_line = max_request_line
-        self._max_hdr = max_header_bytes
-        self._max_headers = max_headers
-        self._max_body = max_body_bytes
+    def __init__(self, new: Callable[[], RequestParser]) -> None:
+        self._new = new  # a parser with the worker's limits, when none is kept
         self._kept: list[RequestParser] = []
 
     def take(self) -> RequestParser:
         kept = self._kept
-        if kept:
-            return kept.pop()
-        return RequestParser(max_request_line=self._max_line, max_header_bytes=self._max_hdr,
-                             max_headers=self._max_headers, max_body_bytes=self._max_body)
+        return kept.pop() if kept else self._new()
 
     def give_back(self, parser: RequestParser) -> None:
         if len(self._kept) < PARSERS_KEPT and parser.renew():
