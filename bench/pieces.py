@@ -98,6 +98,7 @@ def _connection(stats: Stats) -> Connection:
 def _pieces() -> dict[str, Callable[[], object]]:
     """name → one call of the piece (set up outside the call)."""
     from gatewayd.workers.accesslog import AccessLog
+    from gatewayd.workers.exchange import _client_head
     from gatewayd.workers.http1 import (
         RequestHead,
         RequestParser,
@@ -106,7 +107,6 @@ def _pieces() -> dict[str, Callable[[], object]]:
         ResponseParser,
     )
     from gatewayd.workers.logline import FIELDS, LineMemo, json_line
-    from gatewayd.workers.proxy import _client_head
     from gatewayd.workers.record import RequestRecord
     from gatewayd.workers.stats import Stats
 

@@ -901,7 +901,7 @@ def test_a_remembered_heads_client_head_is_remembered_for_its_inputs(
     time, whatever order the inputs come in; fields the gateway adds bypass it."""
     import random
 
-    from gatewayd.workers.proxy import _client_head
+    from gatewayd.workers.exchange import _client_head
 
     from gatewayd import forwarding
 

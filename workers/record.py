@@ -87,7 +87,7 @@ class RequestRecord:
         self.backend_connect_time: float | None = None
         self.backend_first_byte_time: float | None = None
         self.error_info = ""
-        # Set by the gateway for the client (affinity cookies, rewrites); see _send_response.
+        # Set by the gateway for the client (affinity cookies, rewrites); see exchange.py.
         self.add_response_headers: list[tuple[bytes, bytes]] = []
         self.upgrade = False  # a websocket upgrade was passed on to the backend
         self.redirect = ""  # the Location of a redirect answered by the gateway

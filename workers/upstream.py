@@ -104,7 +104,7 @@ class Upstream:
     reused: bool = False
     not_after: float = 0.0  # the backend leaf's notAfter (0 for plain http)
     # The http1.ResponseParser that read the last response: the next response on this
-    # connection reuses it if it is `reusable` (see Connection._relay).
+    # connection reuses it if it is `reusable` (see exchange._relay).
     parser: ResponseParser | None = None
 
     def close(self) -> None:

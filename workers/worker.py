@@ -33,7 +33,9 @@ from . import certwatch
 from .accesslog import AccessLog
 from .balancer import Balancer
 from .memtrim import MemoryTrimmer, malloc_trim
-from .proxy import BindContext, Connection, DrainWake, Runtime
+from .proxy import Connection, DrainWake
+from .routeplan import BindContext
+from .runtime import Runtime
 from .serving import ServingGreenlets
 from .spec import READY, STOPPED_ACCEPTING, BoundListener, WorkerSpec
 from .stats import make_stats
