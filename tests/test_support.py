@@ -11,6 +11,7 @@ import signal
 import socket
 import ssl
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -395,3 +396,25 @@ def test_wait_for_deadline() -> None:
     with pytest.raises(AssertionError, match="timed out waiting for the impossible"):
         wait_for(lambda: False, 0.1, "the impossible")
     assert wait_for(lambda: 42, 1, "a value") == 42
+
+
+def test_gateway_that_cannot_start_fails_at_once_with_its_log(
+        tmp_path: Path, pki: TestPKI, backend_factory: BackendFactory) -> None:
+    """A master that exits (here: its port is bound by a socket of ours) fails
+    `Gateway(...)` well before the 20 s readiness deadline, with gatewayd's own stderr in
+    the assertion, and leaves no process behind."""
+    from tests.support.gateway import Gateway, simple_spec
+
+    backend = backend_factory("app")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))  # bound, not listening: a connect is refused
+        port = taken.getsockname()[1]
+        spec = simple_spec(tmp_path, cert=pki.issue(["front.test"]), backends={"app": backend},
+                           port=port)
+        started = time.monotonic()
+        with pytest.raises(AssertionError) as failed:
+            Gateway(tmp_path, spec)
+        assert time.monotonic() - started < 15
+    message = str(failed.value)
+    assert "exited with rc=" in message and "--- stderr" in message, message
+    assert str(port) in message, message  # gatewayd says which address it could not bind

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support.procs import REPO_ROOT, Proc, free_port, wait_for, wait_port
+from tests.support.procs import REPO_ROOT, Proc, free_port, port_open, wait_for
 
 
 def toml_value(value: Any) -> str:
@@ -105,7 +105,15 @@ class Gateway:
         self.proc = Proc([sys.executable, "-m", "gatewayd.cli", "-c", str(self.config_path),
                           *(args or [])], cwd=REPO_ROOT, env=full_env, log_dir=tmp, name=name)
         if wait:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except AssertionError as exc:
+                # A gateway that never came up: say why from its own logs, and leave no
+                # process behind (the test's `with` never starts, so __exit__ never runs).
+                detail = self.proc.describe()
+                if self.proc.alive:
+                    self.proc.stop(timeout=10)
+                raise AssertionError(f"{exc}\n{detail}") from None
 
     def ports(self) -> list[int]:
         if not isinstance(self.spec, GatewaySpec):
@@ -118,7 +126,13 @@ class Gateway:
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         for port in self.ports():
-            wait_port("127.0.0.1", port, timeout)
+            # a master that exited (a bad config, a port taken) fails at once, not at the
+            # deadline
+            wait_for(lambda port=port: port_open("127.0.0.1", port) or not self.proc.alive,
+                     timeout, f"127.0.0.1:{port} to accept connections")
+            if not self.proc.alive:
+                raise AssertionError(f"gatewayd exited with rc={self.proc.returncode} "
+                                     "before accepting connections")
         self.wait_workers(self.expected_workers(), timeout)
 
     def expected_workers(self) -> int:
@@ -132,8 +146,12 @@ class Gateway:
     def wait_workers(self, count: int, timeout: float = 20.0) -> None:
         """Until `count` workers have booted (each touches its heartbeat file once it
         serves) and the master has exactly that many children."""
-        wait_for(lambda: len(self.heartbeats()) == count and len(self.worker_pids()) == count,
+        wait_for(lambda: not self.proc.alive or (len(self.heartbeats()) == count
+                                                 and len(self.worker_pids()) == count),
                  timeout, f"{count} ready workers")
+        if not self.proc.alive:
+            raise AssertionError(f"gatewayd exited with rc={self.proc.returncode} "
+                                 f"before {count} workers were ready")
 
     def children(self) -> list[int]:
         """Live children of the master: workers and the admin process."""
