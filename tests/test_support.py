@@ -418,3 +418,17 @@ def test_gateway_that_cannot_start_fails_at_once_with_its_log(
     message = str(failed.value)
     assert "exited with rc=" in message and "--- stderr" in message, message
     assert str(port) in message, message  # gatewayd says which address it could not bind
+
+
+def test_free_port_is_below_the_kernels_ephemeral_range_and_bindable() -> None:
+    """So that no port the kernel hands out (bind(0), outgoing connections) can take
+    it between the draw and the program's own bind."""
+    first = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    if first <= 11_000:
+        pytest.skip(f"ephemeral range starts at {first}: free_port falls back to bind(0)")
+    ports = {free_port() for _ in range(20)}
+    assert all(10_000 <= port < first for port in ports), ports
+    assert len(ports) > 1  # drawn, not one fixed port
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))

@@ -15,6 +15,7 @@ import contextlib
 import http.client
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -96,14 +97,40 @@ def _family(host: str) -> socket.AddressFamily:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on *host* that was free a moment ago (bind to port 0, read, close).
+    """A TCP port on *host* that was free a moment ago (bound, read, closed).
 
     Prefer letting the server bind port 0 itself and report it (as the backend does);
-    use this only for programs that need a port on their command line.
+    use this only for programs that need a port on their command line.  The port is
+    drawn below the kernel's ephemeral range (ip_local_port_range), where the kernel
+    never hands out ports by itself: a port from bind(0) is in that range, where any
+    outgoing connection of the suite (clients, probes, the gateway's own backend
+    connections) may take it as its local port before the program binds it.
     """
+    below = _below_ephemeral_range()
+    for _ in range(100 if below else 0):
+        port = _PORTS.choice(below)
+        with socket.socket(_family(host), socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue  # taken: draw again
+            return port
     with socket.socket(_family(host), socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+_PORTS = random.Random()  # its own generator: tests that seed `random` do not steer it
+
+
+def _below_ephemeral_range() -> range:
+    """Ports from 10000 up to the start of the kernel's ephemeral range (empty if that
+    range starts too low to leave room, or cannot be read)."""
+    try:
+        first = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return range(0)
+    return range(10_000, first) if first > 11_000 else range(0)
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
