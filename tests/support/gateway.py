@@ -106,14 +106,13 @@ class Gateway:
                           *(args or [])], cwd=REPO_ROOT, env=full_env, log_dir=tmp, name=name)
         if wait:
             try:
-                self.wait_ready()
-            except AssertionError as exc:
-                # A gateway that never came up: say why from its own logs, and leave no
-                # process behind (the test's `with` never starts, so __exit__ never runs).
-                detail = self.proc.describe()
+                self.wait_ready()  # fails with gatewayd's logs (Proc.wait_until)
+            except AssertionError:
+                # leave no process behind: the test's `with` never starts, so __exit__
+                # never runs
                 if self.proc.alive:
                     self.proc.stop(timeout=10)
-                raise AssertionError(f"{exc}\n{detail}") from None
+                raise
 
     def ports(self) -> list[int]:
         if not isinstance(self.spec, GatewaySpec):
@@ -128,11 +127,8 @@ class Gateway:
         for port in self.ports():
             # a master that exited (a bad config, a port taken) fails at once, not at the
             # deadline
-            wait_for(lambda port=port: port_open("127.0.0.1", port) or not self.proc.alive,
-                     timeout, f"127.0.0.1:{port} to accept connections")
-            if not self.proc.alive:
-                raise AssertionError(f"gatewayd exited with rc={self.proc.returncode} "
-                                     "before accepting connections")
+            self.proc.wait_until(lambda port=port: port_open("127.0.0.1", port), timeout,
+                                 f"127.0.0.1:{port} to accept connections")
         self.wait_workers(self.expected_workers(), timeout)
 
     def expected_workers(self) -> int:
@@ -146,12 +142,9 @@ class Gateway:
     def wait_workers(self, count: int, timeout: float = 20.0) -> None:
         """Until `count` workers have booted (each touches its heartbeat file once it
         serves) and the master has exactly that many children."""
-        wait_for(lambda: not self.proc.alive or (len(self.heartbeats()) == count
-                                                 and len(self.worker_pids()) == count),
-                 timeout, f"{count} ready workers")
-        if not self.proc.alive:
-            raise AssertionError(f"gatewayd exited with rc={self.proc.returncode} "
-                                 f"before {count} workers were ready")
+        self.proc.wait_until(
+            lambda: len(self.heartbeats()) == count and len(self.worker_pids()) == count,
+            timeout, f"{count} ready workers")
 
     def children(self) -> list[int]:
         """Live children of the master: workers and the admin process."""

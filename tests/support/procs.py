@@ -296,25 +296,32 @@ class Proc:
         """
         rx = re.compile(pattern, re.MULTILINE)
 
-        def probe() -> re.Match[str] | None:
-            exited = not self.alive
+        def search() -> re.Match[str] | None:
             texts = []
             if stream in ("stdout", "any"):
                 texts.append(self.stdout_text())
             if stream in ("stderr", "any"):
                 texts.append(self.stderr_text())
-            for text in texts:
-                if m := rx.search(text):
-                    return m
+            return next((m for text in texts if (m := rx.search(text))), None)
+
+        return self.wait_until(search, timeout, f"{pattern!r} in {self.name} {stream}")
+
+    def wait_until(self, predicate: Callable[[], T | None], timeout: float, what: str) -> T:
+        """`wait_for(predicate, timeout, what)`, failing at once if this process exits
+        first; either failure carries the process's logs."""
+
+        def probe() -> T | None:
+            exited = not self.alive  # read first: what it did before exiting still counts
+            result = predicate()
+            if result:
+                return result
             if exited:
-                raise AssertionError(
-                    f"{self.name} exited (rc={self.returncode}) before printing "
-                    f"{pattern!r}\n{self.describe()}"
-                )
+                raise AssertionError(f"{self.name} exited with rc={self.returncode} before "
+                                     f"{what}\n{self.describe()}")
             return None
 
         try:
-            return wait_for(probe, timeout, f"{pattern!r} in {self.name} {stream}")
+            return wait_for(probe, timeout, what)
         except AssertionError as exc:
             if "timed out" in str(exc):
                 raise AssertionError(f"{exc}\n{self.describe()}") from None
