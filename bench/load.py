@@ -2,16 +2,25 @@
 parallel `openssl s_time` (one new TLS connection per request, full or resumed).
 
 Each runner returns a dict of raw figures; the caller adds the proxy's CPU from /proc.
+
+Every client here runs with `CLIENT_ENV`: OPENSSL_CONF names `client-openssl.cnf`, which
+makes it offer the TLS 1.3 suites in browsers' order, so that every server measured
+negotiates the same suite (`negotiated` says which it was).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 import subprocess
 import time
+from pathlib import Path
 
 from bench.procs import pinned
+
+CLIENT_CONF = Path(__file__).resolve().parent / "client-openssl.cnf"
+CLIENT_ENV = {**os.environ, "OPENSSL_CONF": str(CLIENT_CONF)}
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
 
@@ -29,7 +38,8 @@ def wrk(url: str, *, connections: int, seconds: float, cpus: str | None,
     args = pinned(cpus, ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s",
                          "--latency", "-H", "Host: proxy.test", url])
     t0 = time.monotonic()
-    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(args, capture_output=True, text=True, check=True,
+                         env=CLIENT_ENV).stdout
     wall = time.monotonic() - t0
     m = re.search(r"(\d+) requests in ([\d.]+)(ms|s|m)", out)
     if not m:
@@ -62,7 +72,7 @@ def s_time(port: int, *, resume: bool, processes: int, seconds: int,
                          "-www", www])
     t0 = time.monotonic()
     procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for _ in range(processes)]
+                              text=True, env=CLIENT_ENV) for _ in range(processes)]
     outs = [p.communicate()[0] for p in procs]
     wall = time.monotonic() - t0
     conns = 0
@@ -79,3 +89,16 @@ def s_time(port: int, *, resume: bool, processes: int, seconds: int,
             "bytes_per_conn_min": min(sizes, default=0),
             "bytes_per_conn_max": max(sizes, default=0),
             "bad_clients": sum(1 for x in sizes if x < 100)}
+
+
+def negotiated(port: int) -> str:
+    """What a bench client gets from the server on *port*: "TLSv1.3 TLS_AES_128_GCM_SHA256"
+    (from one `openssl s_client` handshake with CLIENT_ENV), or "?" if it printed none."""
+    try:
+        out = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}",
+                              "-servername", "proxy.test"], input="", capture_output=True,
+                             text=True, timeout=20, env=CLIENT_ENV).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    m = re.search(r"^New, (\S+), Cipher is (\S+)$", out, re.M)
+    return f"{m.group(1).rstrip(',')} {m.group(2)}" if m else "?"

@@ -338,7 +338,9 @@ def markdown(meta: dict[str, Any], results: list[Result]) -> str:
     lines += ["", *interleaved_section(results), *cost_section(results)]
     foreign = {c: max((r["foreign_cpu_pct"] for r in results if r["config"] == c),
                       default=0.0) for c in configs}
-    tls = sorted({str(r["tls"]) for r in results})
+    tls: dict[str, set[str]] = {}
+    for r in results:
+        tls.setdefault(str(r["tls"]), set()).add(str(r["config"]))
     lines += [
         "## Conditions",
         "",
@@ -347,7 +349,10 @@ def markdown(meta: dict[str, Any], results: list[Result]) -> str:
         + ", ".join(f"{c} {v:.0f} %" for c, v in foreign.items())
         + ".  Each measurement first waits (≤ 5 s, ≤ 60 s in all) for the machine to be "
         "< 10 % busy.",
-        f"- Client-side TLS version negotiated with every proxy: {', '.join(tls)}.",
+        "- TLS between the load generators and each server (they offer browsers' TLS 1.3 "
+        "suite order, bench/client-openssl.cnf): "
+        + "; ".join(f"{suite}: {', '.join(sorted(cs))}" for suite, cs in sorted(tls.items()))
+        + ".",
         f"- Durations: keep-alive {s['ka_seconds']} s x {s['ka_connections']} connections "
         f"(after a 1 s warm-up); new connections {s['hs_seconds']} s x {s['hs_clients']} "
         f"parallel `openssl s_time`; 1 MiB {s['mib_seconds']} s x {s['mib_connections']} "

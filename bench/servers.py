@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.load import negotiated
 from bench.procs import Proc, free_port, pinned, tree, wait_port
 from tests.support.gateway import GatewaySpec
 from tests.support.pki import Leaf, TestPKI
@@ -26,6 +27,10 @@ SMALL_BODY = b"x" * 100
 ONE_MIB = 1 << 20
 BACKEND_NAME = "backend.test"
 IDLE_TIMEOUT = 300  # s every proxy keeps an idle client connection (idle-connection test)
+#: Mozilla's "intermediate" TLS 1.3 suites, in its order (as in bench/client-openssl.cnf)
+INTERMEDIATE_TLS13 = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+SESSIONS_LOG_FORMAT = ("$ssl_session_reused $ssl_protocol $connection $connection_requests "
+                       "$ssl_cipher")
 
 
 @dataclass
@@ -56,7 +61,8 @@ def combined_pem(leaf: Leaf, directory: Path) -> Path:
 
 
 def check_get(port: int, path: str = "/small", tries: int = 50) -> str:
-    """GET *path* over TLS until it answers 200; return the negotiated TLS version."""
+    """GET *path* over TLS until it answers 200; return the TLS version and suite the
+    bench's load generators negotiate with it ("TLSv1.3 TLS_AES_128_GCM_SHA256")."""
     import http.client
 
     ctx = ssl.create_default_context()
@@ -73,7 +79,8 @@ def check_get(port: int, path: str = "/small", tries: int = 50) -> str:
             version = str(conn.sock.version())  # type: ignore[attr-defined, unused-ignore]
             conn.close()
             if resp.status == 200 and len(body) in (len(SMALL_BODY), ONE_MIB):
-                return version
+                suite = negotiated(port)
+                return suite if suite != "?" else version
             last = RuntimeError(f"GET {path}: {resp.status} {body[:200]!r}")
         except OSError as exc:
             last = exc
@@ -138,7 +145,7 @@ class NginxBackend(Server):
         self.port = free_port()
         access = (f"access_log {d}/logs/sessions.log sessions;" if log_sessions else "")
         conf = _nginx_common(d, 1) + f"""
-  log_format sessions "$ssl_session_reused $ssl_protocol $connection $connection_requests";
+  log_format sessions "{SESSIONS_LOG_FORMAT}";
   server {{
     listen 127.0.0.1:{self.port} ssl;
     ssl_certificate {leaf.cert_path};
@@ -217,6 +224,8 @@ class HAProxy(Server):
         conf = f"""
 global
   nbthread {threads}
+  # HAProxy picks the TLS 1.3 suite by its own order: Mozilla's "intermediate" one
+  ssl-default-bind-ciphersuites {INTERMEDIATE_TLS13}
   maxconn 10100
   no strict-limits  # the hard RLIMIT_NOFILE here is 20000; 10,100 clients fit
   ssl-server-verify required
