@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.load import s_time
+from bench.load import CLIENT_ENV, s_time
 from bench.procs import CLK_TCK, cpu_seconds, tree
 from bench.servers import Gatewayd, NginxBackend, make_pki
 
@@ -51,7 +51,7 @@ def _load(port: int, scenario: str, seconds: int) -> int:
     path, connections = ("/1m", 8) if scenario == "mib" else ("/small", 64)
     out = subprocess.run(["taskset", "-c", LOAD_CPUS, "wrk", "-t1", f"-c{connections}",
                           f"-d{seconds}s", f"https://127.0.0.1:{port}{path}"],
-                         capture_output=True, text=True, check=True).stdout
+                         capture_output=True, text=True, check=True, env=CLIENT_ENV).stdout
     line = next(line for line in out.splitlines() if "requests in" in line)
     return int(line.split()[0])
 
