@@ -22,6 +22,15 @@ from bench.procs import pinned
 CLIENT_CONF = Path(__file__).resolve().parent / "client-openssl.cnf"
 CLIENT_ENV = {**os.environ, "OPENSSL_CONF": str(CLIENT_CONF)}
 
+
+def client_tls13_suites() -> str:
+    """The TLS 1.3 suites CLIENT_CONF offers, in its order (its `Ciphersuites` line)."""
+    for line in CLIENT_CONF.read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "Ciphersuites":
+            return value.strip()
+    raise ValueError(f"{CLIENT_CONF}: no Ciphersuites line")
+
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
 
 

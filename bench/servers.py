@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.load import negotiated
+from bench.load import client_tls13_suites, negotiated
 from bench.procs import Proc, free_port, pinned, tree, wait_port
 from tests.support.gateway import GatewaySpec
 from tests.support.pki import Leaf, TestPKI
@@ -27,8 +27,9 @@ SMALL_BODY = b"x" * 100
 ONE_MIB = 1 << 20
 BACKEND_NAME = "backend.test"
 IDLE_TIMEOUT = 300  # s every proxy keeps an idle client connection (idle-connection test)
-#: Mozilla's "intermediate" TLS 1.3 suites, in its order (as in bench/client-openssl.cnf)
-INTERMEDIATE_TLS13 = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+#: Mozilla's "intermediate" TLS 1.3 suites, in its order, which is also browsers' order
+#: and so what the load generators offer (bench/client-openssl.cnf)
+INTERMEDIATE_TLS13 = client_tls13_suites()
 SESSIONS_LOG_FORMAT = ("$ssl_session_reused $ssl_protocol $connection $connection_requests "
                        "$ssl_cipher")
 
