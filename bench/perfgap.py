@@ -32,9 +32,10 @@ from pathlib import Path
 
 from bench.load import s_time
 from bench.procs import cpu_seconds
+from bench.run import BACKEND_CPUS, LOAD_CPUS, PROXY_CPUS
 from bench.servers import FloorTLS, Gatewayd, NginxBackend, Server, make_pki
 
-LOAD_CPUS, SERVER_CPUS, BACKEND_CPUS = "1", "0", "1"  # as bench/run.py lays them out
+SERVER_CPUS = PROXY_CPUS[1]  # both servers where bench/run.py puts a 1-worker proxy
 HZ = 4000  # samples per second of CPU time
 
 Samples = collections.Counter[tuple[str, str]]  # (shared object, symbol) -> samples
