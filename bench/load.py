@@ -16,6 +16,7 @@ import re
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.procs import pinned
 
@@ -42,7 +43,7 @@ def _ms(text: str | None) -> float:
 
 
 def wrk(url: str, *, connections: int, seconds: float, cpus: str | None,
-        threads: int = 1) -> dict[str, float]:
+        threads: int = 1) -> dict[str, Any]:
     """`wrk --latency`: requests, req/s, p50/p99 ms, errors (socket errors + non-2xx)."""
     args = pinned(cpus, ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s",
                          "--latency", "-H", "Host: proxy.test", url])

@@ -153,6 +153,15 @@ def _target_rows(results: list[Result]) -> list[str]:
     on_cpu, source = target_ratio(results, BY_KEY["ka_per_cpu"], "gatewayd-1w-all-on", "nginx-1w")
     row(f"... with the JSON access log on, as by default (1 worker; {source})", on_cpu,
         on_cpu >= 0.35, "≥ 0.35x (then 0.5x)")
+    for a, b, what in (
+            ("floor-1w", "nginx-1w", "the lean gevent + pyOpenSSL + httptools forwarder the "
+             "targets were derived from (no routing, metrics or log)"),
+            ("gatewayd-1w-all-on", "floor-1w", "gatewayd with everything on against that "
+             "forwarder")):
+        x, source = target_ratio(results, BY_KEY["ka_per_cpu"], a, b)
+        if not math.isnan(x):  # references (no target): where the targets' floor stands
+            row(f"... reference: keep-alive req per CPU-s, {a} / {b} ({what}; {source})",
+                x, None, "-")
     us = target_figure(results, BY_KEY["ka_cpu_us"], "gatewayd-1w")
     # 57 µs is the issue's 0.35x of nginx's 20 µs on the machine it was measured on;
     # nginx's own figure from this run says how this machine compares
@@ -216,7 +225,11 @@ def interleaved_section(results: list[Result]) -> list[str]:
             ("all-on / gatewayd-1w (the access log alone), CPU per request ↓", cpu,
              "gatewayd-1w-all-on", "gatewayd-1w"),
             ("gatewayd-1w / all-off (the metrics alone), CPU per request ↓", cpu,
-             "gatewayd-1w", "gatewayd-1w-all-off")):
+             "gatewayd-1w", "gatewayd-1w-all-off"),
+            ("floor-1w / nginx-1w, req per CPU-s ↑", per_cpu, "floor-1w", "nginx-1w"),
+            ("gatewayd-1w / floor-1w, req per CPU-s ↑", per_cpu, "gatewayd-1w", "floor-1w"),
+            ("all-on / floor-1w, req per CPU-s ↑", per_cpu, "gatewayd-1w-all-on",
+             "floor-1w")):
         lines += _ratio_line(label, round_ratios(results, metric, a, b))
     return [*lines, "", *_interleaved_handshakes(results)]
 

@@ -391,7 +391,8 @@ def main() -> int:
                   flush=True)
             for config in s.configs:
                 bench.run_config(config, run)
-            pair = [c for c in ("gatewayd-1w", "nginx-1w") if c in s.configs]
+            # the keep-alive targets' pair, and the lean forwarder they were derived from
+            pair = [c for c in ("gatewayd-1w", "nginx-1w", "floor-1w") if c in s.configs]
             cost = ["gatewayd-1w-all-on", "gatewayd-1w-all-off"] if s.cost_variants else []
             if len(pair + cost) >= 2:
                 bench.interleaved(pair + cost, run)

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,7 @@ class Gateway:
         for port in self.ports():
             # a master that exited (a bad config, a port taken) fails at once, not at the
             # deadline
-            self.proc.wait_until(lambda port=port: port_open("127.0.0.1", port), timeout,
+            self.proc.wait_until(partial(port_open, "127.0.0.1", port), timeout,
                                  f"127.0.0.1:{port} to accept connections")
         self.wait_workers(self.expected_workers(), timeout)
 
