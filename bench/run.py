@@ -392,10 +392,10 @@ def main() -> int:
             for config in s.configs:
                 bench.run_config(config, run)
             # the keep-alive targets' pair, and the lean forwarder they were derived from
-            pair = [c for c in ("gatewayd-1w", "nginx-1w", "floor-1w") if c in s.configs]
+            ka_set = [c for c in ("gatewayd-1w", "nginx-1w", "floor-1w") if c in s.configs]
             cost = ["gatewayd-1w-all-on", "gatewayd-1w-all-off"] if s.cost_variants else []
-            if len(pair + cost) >= 2:
-                bench.interleaved(pair + cost, run)
+            if len(ka_set + cost) >= 2:
+                bench.interleaved(ka_set + cost, run)
             # the handshake targets' pair, and the bare stack's pair beside it
             hs_pair: list[str] = [c for c in ("gatewayd-1w", "nginx-1w", "floor-tls", "direct")
                                  if c in s.configs]
