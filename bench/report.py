@@ -145,6 +145,13 @@ def _target_rows(results: list[Result]) -> list[str]:
         shown = _r(got) if math.isnan(got) else f"{got:.3f}x"
         rows.append(f"| {name} | {goal} | {shown} | {verdict} |")
 
+    def reference(what: str, key: str, a: str, b: str, about: str) -> None:
+        """A ratio shown beside the targets, with no goal of its own: where the stack's
+        floors stand against nginx, or gatewayd against them (left out if not measured)."""
+        x, source = target_ratio(results, BY_KEY[key], a, b)
+        if not math.isnan(x):
+            row(f"... reference: {what}, {a} / {b} ({about}; {source})", x, None, "-")
+
     per_cpu, source = target_ratio(results, BY_KEY["ka_per_cpu"], "gatewayd-1w", "nginx-1w")
     row(f"keep-alive req per CPU-s vs nginx (1 worker; {source})", per_cpu, per_cpu >= 0.35,
         "≥ 0.35x (then 0.5x)")
@@ -153,15 +160,11 @@ def _target_rows(results: list[Result]) -> list[str]:
     on_cpu, source = target_ratio(results, BY_KEY["ka_per_cpu"], "gatewayd-1w-all-on", "nginx-1w")
     row(f"... with the JSON access log on, as by default (1 worker; {source})", on_cpu,
         on_cpu >= 0.35, "≥ 0.35x (then 0.5x)")
-    for a, b, what in (
-            ("floor-1w", "nginx-1w", "the lean gevent + pyOpenSSL + httptools forwarder the "
-             "targets were derived from (no routing, metrics or log)"),
-            ("gatewayd-1w-all-on", "floor-1w", "gatewayd with everything on against that "
-             "forwarder")):
-        x, source = target_ratio(results, BY_KEY["ka_per_cpu"], a, b)
-        if not math.isnan(x):  # references (no target): where the targets' floor stands
-            row(f"... reference: keep-alive req per CPU-s, {a} / {b} ({what}; {source})",
-                x, None, "-")
+    reference("keep-alive req per CPU-s", "ka_per_cpu", "floor-1w", "nginx-1w",
+              "the lean gevent + pyOpenSSL + httptools forwarder the targets were derived "
+              "from (no routing, metrics or log)")
+    reference("keep-alive req per CPU-s", "ka_per_cpu", "gatewayd-1w-all-on", "floor-1w",
+              "gatewayd with everything on against that forwarder")
     us = target_figure(results, BY_KEY["ka_cpu_us"], "gatewayd-1w")
     # 57 µs is the issue's 0.35x of nginx's 20 µs on the machine it was measured on;
     # nginx's own figure from this run says how this machine compares
@@ -177,11 +180,8 @@ def _target_rows(results: list[Result]) -> list[str]:
         x, source = target_ratio(results, BY_KEY[key], "gatewayd-1w", "nginx-1w")
         row(f"{name} (1 worker; {source})", x, x >= 0.9, "≥ 0.9x")
     for key, name in (("hs_full_ec_per_cpu", "full ECDSA"), ("hs_full_rsa_per_cpu", "full RSA")):
-        x, source = target_ratio(results, BY_KEY[key], "floor-tls", "direct")
-        if not math.isnan(x):  # what the I/O stack alone reaches against nginx (no target)
-            row(f"... reference: {name} handshakes per CPU-s, floor-tls / direct "
-                f"(a bare gevent + pyOpenSSL server against nginx serving the same; {source})",
-                x, None, "-")
+        reference(f"{name} handshakes per CPU-s", key, "floor-tls", "direct",
+                  "a bare gevent + pyOpenSSL server against nginx serving the same")
     x = ratio(results, BY_KEY["mib_per_cpu"], "gatewayd-1w", "nginx-1w")
     row("1 MiB responses: MiB per CPU-s vs nginx (1 worker)", x, x >= 1.0, "≥ 1.0x")
     for cfg in ("gatewayd-1w", "gatewayd-2w"):
