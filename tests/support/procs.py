@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -123,9 +124,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 _PORTS = random.Random()  # its own generator: tests that seed `random` do not steer it
 
 
+@functools.cache
 def _below_ephemeral_range() -> range:
     """Ports from 10000 up to the start of the kernel's ephemeral range (empty if that
-    range starts too low to leave room, or cannot be read)."""
+    range starts too low to leave room, or cannot be read); read once per test run, not
+    once per free_port."""
     try:
         first = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
